@@ -1,0 +1,24 @@
+"""crossent: numerically stable, memory-efficient cross-entropy losses for large vocabularies.
+
+The whole public API is listed in ``__all__`` below. Importing crossent imports neither Triton
+nor transformers: each is imported when first used.
+"""
+
+from .functional import cross_entropy
+from .loss_aux import LossAux
+from .modules import CrossEntropyLoss
+from .options import DEFAULT_MEMORY_BUDGET, get_memory_budget, set_memory_budget
+from .reference import explain
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cross_entropy",
+    "CrossEntropyLoss",
+    "LossAux",
+    "explain",
+    "set_memory_budget",
+    "get_memory_budget",
+    "DEFAULT_MEMORY_BUDGET",
+    "__version__",
+]

@@ -1,0 +1,67 @@
+"""The ``crossent`` command: ``crossent explain`` and ``crossent demo``.
+
+crossent explain [--logits JSON|FILE] [--targets JSON|FILE]
+crossent demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+# The seed's walkthrough: three tokens over a five-word vocabulary.
+SEED_LOGITS = [[1.2, 3.1, 0.7, 2.4, 0.9], [0.5, 1.8, 2.9, 1.1, 0.3], [4.2, 2.5, 3.7, 1.9, 0.8]]
+SEED_TARGETS = [1, 2, 0]
+
+
+def _load_json(text: str | None, default):
+    """A JSON literal, or the path of a file holding one; ``default`` when not given."""
+    if text is None:
+        return default
+    if os.path.exists(text):
+        with open(text) as f:
+            return json.load(f)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"crossent: expected a JSON list or the path of a JSON file, got {text!r} ({e})")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .reference import explain
+
+    logits = torch.tensor(_load_json(args.logits, SEED_LOGITS), dtype=torch.float64)
+    targets = torch.tensor(_load_json(args.targets, SEED_TARGETS), dtype=torch.long)
+    try:
+        print(explain(logits, targets))
+    except (ValueError, IndexError) as e:
+        raise SystemExit(f"crossent explain: {e}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="crossent", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("explain", help="print every step of the stable cross entropy of a batch")
+    p.add_argument("--logits", help="JSON list of rows, or a file holding one (default: the seed's)")
+    p.add_argument("--targets", help="JSON list of class ids, or a file holding one")
+    p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("demo", help="the walkthrough, the stability table and the memory demo")
+    p.set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The public loss functions: validate every argument, then dispatch on ``impl``.
+
+Nothing here computes a loss: the backends do (``torch_impl`` for every device, ``triton_impl``
+for CUDA tensors, imported only when used).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .loss_aux import LossAux
+from .options import LossOptions, document
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of tensors (DESIGN.md §3): raise before any kernel runs, naming the argument, the
+# expected form and what was given.
+# --------------------------------------------------------------------------------------------
+
+
+def _shape(t: Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def check_tensor(name: str, value, expected: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor ({expected}), got {type(value).__name__}")
+    return value
+
+
+def check_float(name: str, t: Tensor, expected: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64) {expected}, got dtype {t.dtype}"
+        )
+
+
+def check_devices(**tensors: Tensor | None) -> torch.device:
+    """All given tensors on one device; returns it."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    first_name, first = next(iter(present.items()))
+    for name, t in present.items():
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}: "
+                "every tensor of a loss call must be on one device"
+            )
+    return first.device
+
+
+def check_class_weight(name: str, weight: Tensor | None, vocab_size: int) -> None:
+    if weight is None:
+        return
+    check_tensor(name, weight, f"({vocab_size},) class weights")
+    check_float(name, weight, f"of shape ({vocab_size},)")
+    if weight.dim() != 1 or weight.shape[0] != vocab_size:
+        raise ValueError(f"{name} must have shape ({vocab_size},) (one weight per class), got {_shape(weight)}")
+
+
+def pick_class_weight(weight: Tensor | None, class_weight: Tensor | None) -> Tensor | None:
+    if weight is not None and class_weight is not None:
+        raise ValueError("give class weights as weight= or as class_weight=, not both")
+    return weight if weight is not None else class_weight
+
+
+def check_target(target, lead_shape: torch.Size, vocab_size: int, *, allow_soft: bool, where: str) -> bool:
+    """Validate a hard (...) or soft (..., V) target against the logits; return True if soft."""
+    lead = tuple(lead_shape)
+    check_tensor("target", target, f"class ids of shape {lead}")
+    if target.is_floating_point():
+        if not allow_soft:
+            raise TypeError(f"target must hold integer class ids of shape {lead} for {where}, got dtype {target.dtype}")
+        if tuple(target.shape) != lead + (vocab_size,):
+            raise ValueError(
+                f"soft target must have the logits' shape {lead + (vocab_size,)} "
+                f"(probabilities over the last dim), got {_shape(target)}"
+            )
+        return True
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold integer class ids (or float probabilities), got dtype {target.dtype}")
+    if tuple(target.shape) != lead:
+        raise ValueError(
+            f"target must have shape {lead} (the logits' leading dims; the class dim is last), got {_shape(target)}"
+        )
+    return False
+
+
+def check_target_range(target: Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Eager CPU only: an IndexError naming the first bad position and value (no host sync
+    elsewhere: there an out-of-range id gives a NaN loss)."""
+    if target.device.type != "cpu" or torch.compiler.is_compiling() or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        value = int(target[position])
+        raise IndexError(
+            f"target {value} at position {position} is outside [0, {vocab_size}) "
+            f"(and is not ignore_index={ignore_index})"
+        )
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose_impl(impl: str, device: torch.device) -> str:
+    """``"auto"``: Triton for CUDA tensors when it is installed, else PyTorch."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError(
+                'impl="triton" needs the triton package (pip install crossent[triton]), '
+                'which is not installed; use impl="torch" or "auto"'
+            )
+        if device.type != "cuda" and not interpreter_on():
+            raise ValueError(
+                f'impl="triton" needs CUDA tensors, got tensors on {device} '
+                "(or set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
+            )
+    return impl
+
+
+def _triton_backend():
+    from . import triton_impl
+
+    return triton_impl
+
+
+# --------------------------------------------------------------------------------------------
+# cross_entropy
+# --------------------------------------------------------------------------------------------
+
+
+@document
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    inplace_backward: bool = False,
+    chunk_size: int | None = None,
+    return_aux: bool = False,
+    impl: str = "auto",
+):
+    """Cross entropy (with z-loss) of logits against class ids or probabilities, exact and lean.
+
+    For each token with logits ``x`` (V,): ``z = s·x`` (then ``k·tanh(z/k)`` with a soft cap),
+    ``m = max z``, ``S = Σ exp(z - m)``, ``log p_j = (z_j - m) - log S``, ``lse = m + log S``, and
+
+        ℓ = -(1-ε)·w_y·log p_y - (ε/V)·Σ_j w_j·log p_j + c·w_y·lse²     (hard target y)
+        ℓ = -Σ_j w_j·p'_j·log p_j + c·lse²,  p' = (1-ε)·p + ε/V          (soft target p)
+
+    reduced by ``reduction``. With ``ε = c = 0``, ``s = 1`` and no cap this is
+    ``F.cross_entropy`` (class dim last; see docs/guide.md for the documented differences). The
+    (N, V) logits are processed in chunks: no float32 copy of them and no softmax is kept; forward
+    saves the per-token pair ``(m, log S)``.
+
+    Args:
+        logits: (..., V) float16, bfloat16, float32 or float64; any strides (never copied whole).
+        target: (...) integer class ids in ``[0, V)`` or ``ignore_index``, or (..., V)
+            floating probabilities (soft targets: no ``ignore_index``, no gradient).
+        {args: weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale}
+        {args: inplace_backward, chunk_size, return_aux, impl}
+
+    Returns:
+        The loss: 0-dim, or the target's shape (``"none"``); float32 for 16-bit and float32
+        inputs, float64 for float64. With ``return_aux=True``, ``(loss, LossAux)``.
+
+    Example:
+        >>> import torch, crossent
+        >>> logits = torch.tensor([[1.2, 3.1, 0.7, 2.4, 0.9], [0.5, 1.8, 2.9, 1.1, 0.3]])
+        >>> loss = crossent.cross_entropy(logits, torch.tensor([1, 2]), z_loss=1e-4)
+        >>> round(loss.item(), 4)
+        0.5623
+    """
+    check_tensor("logits", logits, "(..., V) floating")
+    check_float("logits", logits, "of shape (..., V)")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape (..., V) with V >= 1 classes, got {_shape(logits)}")
+    opts = LossOptions(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
+        return_aux=return_aux,
+        impl=impl,
+        inplace_backward=inplace_backward,
+    )
+    V = logits.shape[-1]
+    soft = check_target(target, logits.shape[:-1], V, allow_soft=True, where="cross_entropy")
+    weight = pick_class_weight(weight, class_weight)
+    check_class_weight("weight" if class_weight is None else "class_weight", weight, V)
+    device = check_devices(logits=logits, target=target, weight=weight)
+    backend = choose_impl(opts.impl, device)
+    if not soft:
+        check_target_range(target, V, opts.ignore_index)
+    if backend == "triton":
+        loss, m, log_s, denominator, aux = _triton_backend().cross_entropy_op(logits, target, weight, opts)
+    else:
+        from .torch_impl.cross_entropy import cross_entropy_op
+
+        loss, m, log_s, denominator, aux = cross_entropy_op(
+            logits,
+            target,
+            weight,
+            ignore_index=opts.ignore_index,
+            reduction=opts.reduction,
+            label_smoothing=opts.label_smoothing,
+            z_loss=opts.z_loss,
+            softcap=opts.softcap,
+            logit_scale=opts.logit_scale,
+            chunk_size=opts.chunk_size,
+            inplace_backward=opts.inplace_backward,
+            want_aux=opts.return_aux,
+        )
+    if not opts.return_aux:
+        return loss
+    keep = None if soft else target != opts.ignore_index
+    return loss, build_aux(aux, m, log_s, denominator, keep, logits.shape[:-1], opts.reduction)
+
+
+def build_aux(
+    aux: Tensor,
+    m: Tensor,
+    log_s: Tensor,
+    denominator: Tensor,
+    keep: Tensor | None,
+    lead_shape,
+    reduction: str,
+) -> LossAux:
+    """Assemble :class:`LossAux` from a backend's per-token columns (ce, z-loss, entropy, correct)."""
+    from .torch_impl.rows import reduce
+
+    aux, m, log_s, denominator = aux.detach(), m.detach(), log_s.detach(), denominator.detach()
+    n_tokens = keep.sum() if keep is not None else torch.tensor(m.shape[0], device=m.device)
+    correct = aux[:, 3].sum()
+    accuracy = torch.where(n_tokens > 0, correct / n_tokens.clamp(min=1), torch.zeros_like(correct))
+    return LossAux(
+        ce=reduce(aux[:, 0], reduction, denominator).reshape(lead_shape if reduction == "none" else ()),
+        z_loss=reduce(aux[:, 1], reduction, denominator).reshape(lead_shape if reduction == "none" else ()),
+        lse=(m + log_s).reshape(lead_shape),
+        entropy=aux[:, 2].reshape(lead_shape),
+        n_tokens=n_tokens.to(torch.int64),
+        weight_sum=denominator.to(torch.float32),
+        accuracy=accuracy.to(torch.float32),
+    )

@@ -1,0 +1,1 @@
+"""The chunked pure-PyTorch backend: every device, a ``torch.library`` custom op per loss."""
