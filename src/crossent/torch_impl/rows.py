@@ -150,9 +150,14 @@ def forward_rows(
     chain = scratch.pop() if (want_grad and opts.softcap is not None) else None
     q = _soft_weights(soft, weight, opts, scratch.pop()) if soft is not None else None
 
-    scores_into(z, x, opts, chain)
-    m = z.amax(-1)
-    z.sub_(m.unsqueeze(-1))  # z_j - m: every exponent <= 0, one is exactly 0
+    if opts.logit_scale == 1.0 and opts.softcap is None:
+        # z = x: the maximum is taken on the input and the shift fused with the conversion
+        m = x.amax(-1).to(z.dtype)
+        torch.sub(x, m.unsqueeze(-1), out=z)  # z_j - m: every exponent <= 0, one is exactly 0
+    else:
+        scores_into(z, x, opts, chain)
+        m = z.amax(-1)
+        z.sub_(m.unsqueeze(-1))
     stats_correct = None
     if want_aux:
         best = z.argmax(-1)
@@ -204,10 +209,38 @@ def forward_rows(
         stats.correct = stats_correct
 
     if want_grad:
-        e.mul_((g / s).unsqueeze(-1))  # g · softmax
-        _finish_gradient(e, g, lse, opts, weight, weight_sum, y, w_y, q, chain)
-        grad_out.copy_(e)
+        if soft is None and chain is None and (eps == 0.0 or weight is None):
+            _hard_gradient_into(grad_out, e, s, g, lse, opts, weight_sum, y, w_y)
+        else:
+            e.mul_((g / s).unsqueeze(-1))  # g · softmax
+            _finish_gradient(e, g, lse, opts, weight, weight_sum, y, w_y, q, chain)
+            grad_out.copy_(e)
     return stats
+
+
+def _hard_gradient_into(out, e, s, g, lse, opts, weight_sum, y, w_y) -> None:
+    """The common case (hard target, no soft cap, no class-weighted smoothing) in one pass.
+
+    ``out = e·a - b`` row by row, with ``a = g·coef/S`` and ``b = g·(ε/V)`` (the smoothing),
+    written straight into the output dtype; then the target element, formed in the accumulation
+    dtype from the same ``e_y``, overwrites its slot, so it is rounded once.
+    """
+    eps, c, V, scale = opts.label_smoothing, opts.z_loss, e.shape[-1], opts.logit_scale
+    coef = (1.0 - eps) * w_y
+    if eps != 0.0:
+        coef = coef + (eps / V) * weight_sum
+    if c != 0.0:
+        coef = coef + 2.0 * c * w_y * lse
+    a = (g * scale) * coef / s
+    e_y = e.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    at_y = e_y * a - (g * scale) * (1.0 - eps) * w_y
+    if eps != 0.0:
+        b = (g * scale) * (eps / V)
+        at_y = at_y - b
+        torch.addcmul(b.neg().unsqueeze(-1), e, a.unsqueeze(-1), out=out)
+    else:
+        torch.mul(e, a.unsqueeze(-1), out=out)
+    out.scatter_(-1, y.unsqueeze(-1), at_y.unsqueeze(-1).to(out.dtype))
 
 
 def backward_rows(
