@@ -4,9 +4,9 @@ The whole public API is listed in ``__all__`` below. Importing crossent imports 
 nor transformers: each is imported when first used.
 """
 
-from .functional import cross_entropy
+from .functional import cross_entropy, linear_cross_entropy
 from .loss_aux import LossAux
-from .modules import CrossEntropyLoss
+from .modules import CrossEntropyLoss, LinearCrossEntropyHead, LinearCrossEntropyLoss
 from .options import DEFAULT_MEMORY_BUDGET, get_memory_budget, set_memory_budget
 from .reference import explain
 
@@ -14,7 +14,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "cross_entropy",
+    "linear_cross_entropy",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "LinearCrossEntropyHead",
     "LossAux",
     "explain",
     "set_memory_budget",

@@ -269,3 +269,162 @@ def build_aux(
         weight_sum=denominator.to(torch.float32),
         accuracy=accuracy.to(torch.float32),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# linear_cross_entropy
+# --------------------------------------------------------------------------------------------
+
+
+def _check_not_dtensor(name: str, t: Tensor) -> None:
+    if type(t).__name__ == "DTensor":
+        raise TypeError(
+            f"{name} is a sharded DTensor (e.g. from FSDP2's fully_shard); linear_cross_entropy needs the "
+            "full local tensor. Use crossent.LinearCrossEntropyHead as the model's classifier (its forward "
+            "runs inside the module, so FSDP gathers the weight first), or pass weight.full_tensor()"
+        )
+
+
+def shift_target(target: Tensor, shift: int, ignore_index: int) -> Tensor:
+    """Align a causal target with every position: position t gets ``target[..., t + shift]``
+    and the last ``shift`` positions get ``ignore_index`` (as Hugging Face pads its labels)."""
+    if shift == 0:
+        return target
+    T = target.shape[-1]
+    if shift >= T:
+        return torch.full_like(target, ignore_index)
+    pad = torch.full(target.shape[:-1] + (shift,), ignore_index, dtype=target.dtype, device=target.device)
+    return torch.cat([target[..., shift:], pad], dim=-1)
+
+
+@document
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    schedule: str = "auto",
+    return_aux: bool = False,
+    impl: str = "auto",
+):
+    """The classifier and the loss fused: ``cross_entropy(hidden @ weight.T + bias, target)``
+    computed without ever holding the (N, V) logits.
+
+    The logits ``x = hidden·Wᵀ + b`` are formed one chunk at a time (of tokens, or of vocabulary
+    rows: ``schedule``) and go through exactly the math of :func:`crossent.cross_entropy`
+    (``z = s·x``, soft cap, ``m``, ``log S``, ``ℓ = -(1-ε)·w_y·log p_y - (ε/V)·Σ_j w_j·log p_j +
+    c·w_y·lse²``). The gradients of ``hidden``, ``weight`` and ``bias`` are exact: the classifier's
+    is accumulated in float32 whatever the input dtype. Memory beyond the inputs and their
+    gradients is bounded by the memory budget and does not grow with N.
+
+    Args:
+        hidden: (..., D) float16, bfloat16, float32 or float64 hidden states.
+        weight: (V, D) classifier weight (``nn.Linear`` layout), the dtype of ``hidden``.
+        target: (...) integer class ids (the leading dims of ``hidden``) or ``ignore_index``.
+        bias: (V,) or None.
+        {args: class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale}
+        {args: shift, schedule, return_aux, impl}
+        chunk_size: tokens (``"token"``) or vocabulary rows (``"vocab"``) per chunk; ``None``
+            derives it from the memory budget (:func:`crossent.set_memory_budget`).
+
+    Returns:
+        The loss (0-dim, or the target's shape for ``"none"``; float32, float64 for float64
+        inputs); with ``return_aux=True``, ``(loss, LossAux)`` (``lse`` and ``entropy`` are 0 at
+        ignored positions).
+
+    Example:
+        >>> import torch, crossent
+        >>> hidden = torch.randn(2, 6, 16, requires_grad=True)          # (B, T, D)
+        >>> lm_head = torch.nn.Linear(16, 1000, bias=False)
+        >>> labels = torch.randint(0, 1000, (2, 6))
+        >>> loss = crossent.linear_cross_entropy(hidden, lm_head.weight, labels, shift=1, z_loss=1e-4)
+        >>> loss.backward()
+        >>> lm_head.weight.grad.shape
+        torch.Size([1000, 16])
+    """
+    check_tensor("hidden", hidden, "(..., D) floating")
+    check_tensor("weight", weight, "(V, D) floating")
+    _check_not_dtensor("weight", weight)
+    check_float("hidden", hidden, "of shape (..., D)")
+    check_float("weight", weight, "of shape (V, D)")
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape (..., D), got {_shape(hidden)}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape (V, D) with V >= 1 (nn.Linear layout), got {_shape(weight)}")
+    V, D = weight.shape
+    if hidden.shape[-1] != D:
+        raise ValueError(
+            f"hidden's last dim must equal weight's D={D} (weight is (V, D) = {tuple(weight.shape)}), "
+            f"got hidden of shape {_shape(hidden)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, f"({V},)")
+        _check_not_dtensor("bias", bias)
+        check_float("bias", bias, f"of shape ({V},)")
+        if bias.dim() != 1 or bias.shape[0] != V:
+            raise ValueError(f"bias must have shape ({V},) (one per class of weight), got {_shape(bias)}")
+    opts = LossOptions(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
+        return_aux=return_aux,
+        impl=impl,
+        shift=shift,
+        schedule=schedule,
+    )
+    check_target(target, hidden.shape[:-1], V, allow_soft=False, where="linear_cross_entropy")
+    if opts.shift and target.dim() < 1:
+        raise ValueError(f"shift={opts.shift} needs a target with a sequence dim (..., T), got {_shape(target)}")
+    check_class_weight("class_weight", class_weight, V)
+    device = check_devices(hidden=hidden, weight=weight, target=target, bias=bias, class_weight=class_weight)
+    if torch.is_autocast_enabled(device.type):
+        # as F.linear is cast under autocast: the three operands in the autocast dtype
+        dtype = torch.get_autocast_dtype(device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    else:
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != hidden.dtype:
+                raise TypeError(
+                    f"hidden, weight and bias must share one dtype outside torch.autocast; got hidden "
+                    f"{hidden.dtype} and {name} {t.dtype}"
+                )
+    backend = choose_impl(opts.impl, device)
+    check_target_range(target, V, opts.ignore_index)
+    aligned = shift_target(target, opts.shift, opts.ignore_index)
+
+    from .torch_impl.linear_cross_entropy import choose_schedule
+
+    sched = choose_schedule(opts.schedule, V, D, weight, weight.requires_grad and torch.is_grad_enabled())
+    hidden2d = hidden.reshape(-1, D)  # a view whenever the leading dims allow it
+    target1d = aligned.reshape(-1)
+    if backend == "triton":
+        run = _triton_backend().linear_cross_entropy_op
+    else:
+        from .torch_impl.linear_cross_entropy import linear_cross_entropy_op as run
+    loss, m, log_s, denominator, aux = run(hidden2d, weight, bias, target1d, class_weight, opts, sched)
+    lead = hidden.shape[:-1]
+    if opts.reduction == "none":
+        loss = loss.reshape(lead)
+    if not opts.return_aux:
+        return loss
+    keep = aligned != opts.ignore_index
+    aux_out = build_aux(aux, m, log_s, denominator, keep, lead, opts.reduction)
+    zero = torch.zeros((), dtype=aux_out.lse.dtype, device=device)
+    return loss, aux_out._replace(
+        lse=torch.where(keep, aux_out.lse, zero), entropy=torch.where(keep, aux_out.entropy, zero)
+    )

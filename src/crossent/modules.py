@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import check_class_weight, check_tensor, cross_entropy, pick_class_weight
+from .functional import check_class_weight, check_tensor, cross_entropy, linear_cross_entropy, pick_class_weight
 from .options import LossOptions
 
 
@@ -56,4 +56,89 @@ class CrossEntropyLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in changed.items())
 
 
-__all__ = ["CrossEntropyLoss"]
+class LinearCrossEntropyLoss(nn.Module):
+    """:func:`crossent.linear_cross_entropy` as a module: ``forward(hidden, weight, target, bias=None)``.
+
+    Example:
+        >>> import torch, crossent
+        >>> loss_fn = crossent.LinearCrossEntropyLoss(z_loss=1e-4, shift=1)
+        >>> hidden, weight = torch.randn(2, 5, 8), torch.randn(100, 8)
+        >>> loss_fn(hidden, weight, torch.randint(0, 100, (2, 5))).shape
+        torch.Size([])
+    """
+
+    def __init__(self, *, class_weight: Tensor | None = None, **options):
+        super().__init__()
+        self.options = LossOptions(**options)
+        if class_weight is not None:
+            check_tensor("class_weight", class_weight, "(V,) class weights")
+            check_class_weight("class_weight", class_weight, class_weight.shape[0] if class_weight.dim() == 1 else -1)
+        self.register_buffer("class_weight", class_weight)
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None):
+        return linear_cross_entropy(
+            hidden, weight, target, bias=bias, class_weight=self.class_weight, **_linear_options(self.options)
+        )
+
+    extra_repr = CrossEntropyLoss.extra_repr
+
+
+def _linear_options(o: LossOptions) -> dict:
+    return dict(
+        ignore_index=o.ignore_index,
+        reduction=o.reduction,
+        label_smoothing=o.label_smoothing,
+        z_loss=o.z_loss,
+        softcap=o.softcap,
+        logit_scale=o.logit_scale,
+        shift=o.shift,
+        chunk_size=o.chunk_size,
+        schedule=o.schedule,
+        return_aux=o.return_aux,
+        impl=o.impl,
+    )
+
+
+class LinearCrossEntropyHead(nn.Linear):
+    """An ``nn.Linear`` classifier whose forward also computes the fused loss.
+
+    ``forward(hidden)`` returns the logits ``hidden @ weight.T + bias`` like ``nn.Linear``;
+    ``forward(hidden, target)`` returns :func:`crossent.linear_cross_entropy` of them without
+    building the logits. The weight is used inside this module's own forward, so sharding
+    wrappers (FSDP, DeepSpeed ZeRO-3) gather it through their hooks, and tying it to the input
+    embedding (``head.weight = embedding.weight``) keeps working. The loss options are fixed at
+    construction.
+
+    Example:
+        >>> import torch, crossent
+        >>> head = crossent.LinearCrossEntropyHead(16, 1000, z_loss=1e-4, shift=1)
+        >>> hidden, labels = torch.randn(2, 6, 16), torch.randint(0, 1000, (2, 6))
+        >>> head(hidden).shape                      # logits, as nn.Linear
+        torch.Size([2, 6, 1000])
+        >>> head(hidden, labels).shape              # the fused loss
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        vocab_size: int,
+        bias: bool = False,
+        *,
+        device=None,
+        dtype=None,
+        class_weight: Tensor | None = None,
+        **options,
+    ):
+        super().__init__(in_features, vocab_size, bias=bias, device=device, dtype=dtype)
+        self.options = LossOptions(**options)
+        if class_weight is not None:
+            check_class_weight("class_weight", class_weight, vocab_size)
+        self.register_buffer("class_weight", class_weight)
+
+    def forward(self, hidden: Tensor, target: Tensor | None = None):
+        if target is None:
+            return super().forward(hidden)
+        return linear_cross_entropy(
+            hidden, self.weight, target, bias=self.bias, class_weight=self.class_weight, **_linear_options(self.options)
+        )

@@ -26,8 +26,8 @@ SCHEDULES = ("auto", "token", "vocab")
 # The memory budget
 # --------------------------------------------------------------------------------------------
 
-#: Default bound on the scratch memory (bytes) a chunked loop may hold at once: 256 MiB.
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
+#: Default bound on the scratch memory (bytes) a chunked loop may hold at once: 128 MiB.
+DEFAULT_MEMORY_BUDGET = 128 * 2**20
 
 _memory_budget = DEFAULT_MEMORY_BUDGET
 
@@ -38,7 +38,7 @@ def set_memory_budget(nbytes: int | None) -> int:
     The budget bounds the float32 working memory a loss holds at once beyond its inputs, outputs
     and gradients (chunks of logits, their softmax, partial products). Automatic chunk sizes are
     derived from it and from shapes and dtypes alone, never from free memory, so a result is
-    reproducible bit for bit. ``None`` restores :data:`DEFAULT_MEMORY_BUDGET` (256 MiB). However
+    reproducible bit for bit. ``None`` restores :data:`DEFAULT_MEMORY_BUDGET` (128 MiB). However
     small the budget, a loop still runs: one token (or one vocabulary row) per chunk.
 
     Example:
@@ -81,9 +81,13 @@ def _number(name: str, value, expected: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
     value = float(value)
-    if math.isnan(value):
+    if value != value:  # NaN (plain comparisons: torch.compile traces them as constants)
         raise ValueError(f"{name} must be {expected}, got nan")
     return value
+
+
+def _finite(value: float) -> bool:
+    return -math.inf < value < math.inf
 
 
 def _integer(name: str, value, expected: str) -> int:
@@ -127,16 +131,16 @@ class LossOptions:
             raise ValueError(f"label_smoothing must be a float in [0, 1], got {eps!r}")
         put(self, "label_smoothing", eps)
         c = _number("z_loss", self.z_loss, "a finite float >= 0")
-        if not (c >= 0.0 and math.isfinite(c)):
+        if not (c >= 0.0 and _finite(c)):
             raise ValueError(f"z_loss must be a finite float >= 0, got {c!r}")
         put(self, "z_loss", c)
         if self.softcap is not None:
             k = _number("softcap", self.softcap, "a finite float > 0 or None")
-            if not (k > 0.0 and math.isfinite(k)):
+            if not (k > 0.0 and _finite(k)):
                 raise ValueError(f"softcap must be a finite float > 0 or None, got {k!r}")
             put(self, "softcap", k)
         s = _number("logit_scale", self.logit_scale, "a finite, non-zero float")
-        if s == 0.0 or not math.isfinite(s):
+        if s == 0.0 or not _finite(s):
             raise ValueError(f"logit_scale must be a finite, non-zero float, got {s!r}")
         put(self, "logit_scale", s)
         if self.chunk_size is not None:

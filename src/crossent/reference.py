@@ -162,11 +162,17 @@ def linear_cross_entropy(
         logits = logits[..., : T - shift, :]
         target = target[..., shift:]
     result = cross_entropy(logits, target, weight=class_weight, reduction=reduction, **options)
-    if not shift or reduction != "none":
+    if not shift:
         return result
-    loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
-    loss = F.pad(loss, (0, shift))
-    return (loss, *rest) if rest else loss
+    # per-token values get the unshifted shape, 0 at the last `shift` positions
+    loss, aux = result if isinstance(result, tuple) else (result, None)
+    if reduction == "none":
+        loss = F.pad(loss, (0, shift))
+        if aux is not None:
+            aux = aux._replace(ce=F.pad(aux.ce, (0, shift)), z_loss=F.pad(aux.z_loss, (0, shift)))
+    if aux is None:
+        return loss
+    return loss, aux._replace(lse=F.pad(aux.lse, (0, shift)), entropy=F.pad(aux.entropy, (0, shift)))
 
 
 # --------------------------------------------------------------------------------------------

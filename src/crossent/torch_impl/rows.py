@@ -1,11 +1,14 @@
-"""The per-chunk math of DESIGN.md §1 on a block of full logit rows, shared by every loop.
+"""The per-chunk math of DESIGN.md §1, shared by every loop of every loss.
 
-A chunk is ``r`` whole rows of logits (r, V). :func:`forward_rows` computes, in the accumulation
-dtype (float32, float64 for float64 inputs), the per-token ``(m, log S)`` pair, the loss terms and
-what ``return_aux`` reports, and, when asked, the gradient of the loss with respect to the raw
-logits, scaled per row by ``g``. :func:`backward_rows` recomputes that gradient from the saved pair,
-as ``exp((z - m) - log S)``. Both work in a caller-owned scratch buffer so a loop allocates nothing
-per chunk.
+Two shapes of chunk occur. A *row chunk* is r whole rows of logits (r, V): :func:`forward_rows`
+computes, in the accumulation dtype (float32, float64 for float64 inputs), the per-token
+``(m, log S)`` pair, the loss terms and what ``return_aux`` reports, and when asked the gradient,
+scaled per row by ``g``. A *vocabulary block* is the columns ``[col0, col0 + w)`` of every row:
+:class:`OnlineStats` merges blocks into the same per-token statistics (DESIGN.md §1's online
+``(m, S)`` merge), and :func:`backward_rows` recomputes the gradient of any block — a whole row
+being the block ``col0 = 0, w = V`` — from the saved pair, as ``exp((z - m) - log S)``. Both
+loops end in :func:`loss_terms`, so the loss has one formula. Everything works in caller-owned
+scratch buffers, so a loop allocates nothing per chunk.
 
 The per-token inputs that depend on the target alone (class id ``y``, its weight ``w_y``, the keep
 mask) are prepared once per call by :func:`target_terms`.
@@ -109,7 +112,7 @@ def _soft_weights(p: Tensor, weight: Tensor | None, opts: RowOptions, out: Tenso
 
 @dataclass
 class RowStats:
-    """What :func:`forward_rows` returns for a chunk of r rows (accumulation dtype)."""
+    """Per-token results of a chunk (accumulation dtype)."""
 
     loss: Tensor  # (r,) ℓ = ce + zl (0 for ignored tokens)
     m: Tensor  # (r,) row maximum of z
@@ -118,6 +121,48 @@ class RowStats:
     zl: Tensor | None = None  # (r,) with aux
     entropy: Tensor | None = None  # (r,) with aux
     correct: Tensor | None = None  # (r,) 1.0 where the argmax is the target and the token is kept
+
+
+def loss_terms(
+    m: Tensor,
+    log_s: Tensor,
+    opts: RowOptions,
+    vocab_size: int,
+    *,
+    z_y: Tensor | None = None,
+    wz: Tensor | None = None,
+    weight_sum: Tensor | None = None,
+    w_y: Tensor | None = None,
+    keep: Tensor | None = None,
+    q_dot_z: Tensor | None = None,
+    q_sum: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """(ce, z-loss or None) per token from the shifted sums of a row (DESIGN.md §1, 3–5).
+
+    Hard targets give ``z_y = z_y - m`` and, with smoothing, ``wz = Σ_j w_j (z_j - m)``; soft
+    targets give ``q_dot_z = Σ_j w_j p'_j (z_j - m)`` and ``q_sum = Σ_j w_j p'_j``.
+    """
+    eps, c = opts.label_smoothing, opts.z_loss
+    lse = m + log_s
+    if q_dot_z is not None:
+        ce = -(q_dot_z - log_s * q_sum)  # -Σ w_j p'_j ((z_j - m) - log S)
+        return ce, (c * lse * lse if c != 0.0 else None)
+    log_p_y = z_y - log_s  # (z_y - m) - log S, the seed's order
+    ce = -(1.0 - eps) * w_y * log_p_y
+    if eps != 0.0:
+        ce = ce - (eps / vocab_size) * (wz - log_s * weight_sum)
+    zero = torch.zeros_like(ce)
+    ce = torch.where(keep, ce, zero)  # an ignored token is exactly 0, whatever its logits
+    zl = torch.where(keep, c * w_y * lse * lse, zero) if c != 0.0 else None
+    return ce, zl
+
+
+def _stats(ce: Tensor, zl: Tensor | None, m: Tensor, log_s: Tensor, want_aux: bool, entropy=None, correct=None):
+    stats = RowStats(loss=ce if zl is None else ce + zl, m=m, log_s=log_s)
+    if want_aux:
+        stats.ce, stats.zl = ce, (zl if zl is not None else torch.zeros_like(ce))
+        stats.entropy, stats.correct = entropy, correct
+    return stats
 
 
 def forward_rows(
@@ -138,13 +183,14 @@ def forward_rows(
 ) -> RowStats:
     """Loss terms of r full rows ``x`` (r, V), and with ``g`` (r,) their scaled gradient.
 
-    ``z`` is an (r, V) accumulation-dtype buffer that the call overwrites. Hard targets pass
-    ``y, w_y, keep`` (from :func:`target_terms`); soft targets pass ``soft`` (r, V) probabilities.
-    With ``g``, the gradient ``g_i · ∂ℓ_i/∂x_i`` is written into ``grad_out`` (r, V), in its dtype.
-    ``scratch`` holds up to two more (r, V) buffers for the options that need them (soft targets,
-    soft cap with gradient, entropy).
+    ``z`` is an (r, V) accumulation-dtype buffer that the call overwrites (it may be ``x``
+    itself). Hard targets pass ``y, w_y, keep`` (from :func:`target_terms`); soft targets pass
+    ``soft`` (r, V) probabilities. With ``g``, the gradient ``g_i · ∂ℓ_i/∂x_i`` is written into
+    ``grad_out`` (r, V), in its dtype (it may be ``x``: ``x`` is read in full first). ``scratch``
+    holds up to three more (r, V) buffers for the options that need them (soft targets, soft cap
+    with gradient, entropy).
     """
-    eps, c, V = opts.label_smoothing, opts.z_loss, x.shape[-1]
+    eps, V = opts.label_smoothing, x.shape[-1]
     scratch = list(scratch or [])
     want_grad = g is not None
     chain = scratch.pop() if (want_grad and opts.softcap is not None) else None
@@ -158,23 +204,20 @@ def forward_rows(
         scores_into(z, x, opts, chain)
         m = z.amax(-1)
         z.sub_(m.unsqueeze(-1))
-    stats_correct = None
+    correct = None
     if want_aux:
-        best = z.argmax(-1)
-        target_best = soft.argmax(-1) if soft is not None else y
-        hit = best == target_best
-        if keep is not None:
-            hit = hit & keep
-        stats_correct = hit.to(z.dtype)
+        hit = z.argmax(-1) == (soft.argmax(-1) if soft is not None else y)
+        correct = (hit & keep if keep is not None else hit).to(z.dtype)
 
     # The loss needs z_y - m (hard), Σ w_j (z_j - m) (smoothing), Σ w_j p'_j (z_j - m) (soft):
     # all taken before the exponentials overwrite z.
-    if soft is not None:
-        q_dot_z = rowdot(q, z)
+    sums = {}
+    if q is not None:
+        sums.update(q_dot_z=rowdot(q, z), q_sum=q.sum(-1))
     else:
-        z_y = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        sums.update(z_y=z.gather(-1, y.unsqueeze(-1)).squeeze(-1), w_y=w_y, keep=keep, weight_sum=weight_sum)
         if eps != 0.0:
-            wz = z @ weight if weight is not None else z.sum(-1)
+            sums["wz"] = z @ weight if weight is not None else z.sum(-1)
 
     e = z
     if want_aux:
@@ -184,36 +227,17 @@ def forward_rows(
         e.exp_()
     s = e.sum(-1)
     log_s = s.log()
-    lse = m + log_s
-
-    if soft is not None:
-        q_sum = q.sum(-1)  # Σ_j w_j p'_j
-        ce = -(q_dot_z - log_s * q_sum)  # -Σ w_j p'_j ((z_j - m) - log S)
-        zl = c * lse * lse if c != 0.0 else None
-    else:
-        log_p_y = z_y - log_s  # (z_y - m) - log S, the seed's order
-        ce = -(1.0 - eps) * w_y * log_p_y
-        if eps != 0.0:
-            ce = ce - (eps / V) * (wz - log_s * weight_sum)
-        zl = c * w_y * lse * lse if c != 0.0 else None
-        zero = torch.zeros_like(ce)
-        ce = torch.where(keep, ce, zero)  # an ignored token is exactly 0, whatever its logits
-        if zl is not None:
-            zl = torch.where(keep, zl, zero)
-    loss = ce if zl is None else ce + zl
-
-    stats = RowStats(loss=loss, m=m, log_s=log_s)
-    if want_aux:
-        stats.ce, stats.zl = ce, (zl if zl is not None else torch.zeros_like(ce))
-        stats.entropy = log_s - zsum / s  # -Σ p log p = log S - Σ p_j (z_j - m)
-        stats.correct = stats_correct
+    ce, zl = loss_terms(m, log_s, opts, V, **sums)
+    entropy = log_s - zsum / s if want_aux else None  # -Σ p log p = log S - Σ p_j (z_j - m)
+    stats = _stats(ce, zl, m, log_s, want_aux, entropy, correct)
 
     if want_grad:
-        if soft is None and chain is None and (eps == 0.0 or weight is None):
+        lse = m + log_s
+        if q is None and chain is None and (eps == 0.0 or weight is None):
             _hard_gradient_into(grad_out, e, s, g, lse, opts, weight_sum, y, w_y)
         else:
             e.mul_((g / s).unsqueeze(-1))  # g · softmax
-            _finish_gradient(e, g, lse, opts, weight, weight_sum, y, w_y, q, chain)
+            _finish_gradient(e, g, lse, opts, V, 0, weight, weight_sum, y, w_y, q, chain)
             grad_out.copy_(e)
     return stats
 
@@ -225,22 +249,106 @@ def _hard_gradient_into(out, e, s, g, lse, opts, weight_sum, y, w_y) -> None:
     written straight into the output dtype; then the target element, formed in the accumulation
     dtype from the same ``e_y``, overwrites its slot, so it is rounded once.
     """
-    eps, c, V, scale = opts.label_smoothing, opts.z_loss, e.shape[-1], opts.logit_scale
-    coef = (1.0 - eps) * w_y
+    eps, V, gs = opts.label_smoothing, e.shape[-1], g * opts.logit_scale
+    a = gs * _coefficient(w_y, lse, opts, V, weight_sum) / s
+    at_y = e.gather(-1, y.unsqueeze(-1)).squeeze(-1) * a - gs * (1.0 - eps) * w_y
     if eps != 0.0:
-        coef = coef + (eps / V) * weight_sum
-    if c != 0.0:
-        coef = coef + 2.0 * c * w_y * lse
-    a = (g * scale) * coef / s
-    e_y = e.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    at_y = e_y * a - (g * scale) * (1.0 - eps) * w_y
-    if eps != 0.0:
-        b = (g * scale) * (eps / V)
+        b = gs * (eps / V)
         at_y = at_y - b
         torch.addcmul(b.neg().unsqueeze(-1), e, a.unsqueeze(-1), out=out)
     else:
         torch.mul(e, a.unsqueeze(-1), out=out)
     out.scatter_(-1, y.unsqueeze(-1), at_y.unsqueeze(-1).to(out.dtype))
+
+
+def _coefficient(w_y, lse, opts: RowOptions, vocab_size: int, weight_sum) -> Tensor:
+    """The factor of softmax_j in ∂ℓ/∂z_j (hard target): (1-ε)w_y + (ε/V)Σw + 2c·w_y·lse."""
+    eps, c = opts.label_smoothing, opts.z_loss
+    coef = (1.0 - eps) * w_y
+    if eps != 0.0:
+        coef = coef + (eps / vocab_size) * weight_sum
+    if c != 0.0:
+        coef = coef + 2.0 * c * w_y * lse
+    return coef
+
+
+class OnlineStats:
+    """Per-token statistics of rows seen one vocabulary block at a time (the "vocab" loops).
+
+    Each :meth:`update` takes the scores of columns ``[col0, col0 + w)`` for every token and
+    merges them into the running pair with DESIGN.md §1's rule ``m' = max(m1, m2)``,
+    ``S' = S1·e^(m1−m') + S2·e^(m2−m')``, together with the target score, the smoothing sum
+    ``Σ w_j (z_j − m)`` and, for ``return_aux``, the entropy sum and the argmax.
+    """
+
+    def __init__(self, opts: RowOptions, *, weight_sum: Tensor, y: Tensor, want_aux: bool):
+        self.opts, self.weight_sum, self.y, self.want_aux = opts, weight_sum, y, want_aux
+        self.m = self.s = self.z_y = self.wz = self.w_seen = self.ent = self.best = None
+
+    def update(self, z: Tensor, col0: int, weight: Tensor | None, scratch: Tensor | None = None) -> None:
+        """Merge the block ``z`` (N, w) of scaled, capped scores; ``z`` is overwritten.
+
+        ``weight`` is the block's slice of the class weights; ``scratch`` an (N, w) buffer
+        (needed only with ``want_aux``).
+        """
+        width = z.shape[-1]
+        local = self.y - col0
+        inside = (local >= 0) & (local < width)
+        z_y = z.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)  # raw score
+        m_b = z.amax(-1)
+        if self.want_aux:
+            best_b = z.argmax(-1) + col0
+        z.sub_(m_b.unsqueeze(-1))
+        smooth = self.opts.label_smoothing != 0.0
+        if smooth:
+            wz_b = z @ weight if weight is not None else z.sum(-1)
+            w_b = weight.sum() if weight is not None else torch.tensor(float(width), dtype=z.dtype)
+        if self.want_aux:
+            e = torch.exp(z, out=scratch)
+            t_b = rowdot(e, z)
+        else:
+            e = z.exp_()
+        s_b = e.sum(-1)
+
+        if self.m is None:  # the first block
+            self.m, self.s = m_b, s_b
+            self.z_y = torch.where(inside, z_y, torch.full_like(z_y, float("nan")))
+            if smooth:
+                self.wz, self.w_seen = wz_b, w_b
+            if self.want_aux:
+                self.ent, self.best = t_b, best_b
+            return
+        m = torch.maximum(self.m, m_b)
+        d_old, d_new = self.m - m, m_b - m  # <= 0; exactly 0 for the block holding the maximum
+        a, b = torch.exp(d_old), torch.exp(d_new)
+        if self.want_aux:  # Σ e^(z−m)(z−m) = e^(m_b−m)·(Σ e^(z−m_b)(z−m_b) + (m_b−m)·S_b)
+            self.ent = a * (self.ent + d_old * self.s) + b * (t_b + d_new * s_b)
+            self.best = torch.where(m_b > self.m, best_b, self.best)  # ties keep the first index
+        self.s = a * self.s + b * s_b
+        if smooth:  # Σ w_j (z_j − m) = Σ w_j (z_j − m_b) + (m_b − m)·Σ w_j, per block
+            self.wz = self.wz + d_old * self.w_seen + wz_b + d_new * w_b
+            self.w_seen = self.w_seen + w_b
+        self.z_y = torch.where(inside, z_y, self.z_y)
+        self.m = m
+
+    def finish(self, vocab_size: int, w_y: Tensor, keep: Tensor) -> RowStats:
+        log_s = self.s.log()
+        ce, zl = loss_terms(
+            self.m,
+            log_s,
+            self.opts,
+            vocab_size,
+            z_y=self.z_y - self.m,
+            wz=self.wz,
+            weight_sum=self.weight_sum,
+            w_y=w_y,
+            keep=keep,
+        )
+        entropy = correct = None
+        if self.want_aux:
+            entropy = log_s - self.ent / self.s
+            correct = ((self.best == self.y) & keep).to(self.m.dtype)
+        return _stats(ce, zl, self.m, log_s, self.want_aux, entropy, correct)
 
 
 def backward_rows(
@@ -258,29 +366,36 @@ def backward_rows(
     w_y: Tensor | None = None,
     soft: Tensor | None = None,
     scratch: list[Tensor] | None = None,
+    col0: int = 0,
+    vocab_size: int | None = None,
 ) -> None:
-    """``g_i · ∂ℓ_i/∂x_i`` for r rows from the saved pair, written into ``grad_out`` (r, V).
+    """``g_i · ∂ℓ_i/∂x_ij`` for the block ``x`` (r, w) from the saved pair, into ``grad_out``.
 
-    The softmax is recomputed as ``exp((z - m) - log S)`` (never from ``lse``). ``grad_out`` may be
-    ``x`` itself (in-place backward): ``x`` is read in full before ``grad_out`` is written.
+    The block is columns ``[col0, col0 + w)`` of rows of ``vocab_size`` classes (whole rows by
+    default); ``weight`` is the block's slice of the class weights. The softmax is recomputed as
+    ``exp((z - m) - log S)`` (never from ``lse``). ``grad_out`` may be ``x`` itself (in-place
+    backward) or ``z``: ``x`` is read in full before ``grad_out`` is written.
     """
+    V = x.shape[-1] if vocab_size is None else vocab_size
     scratch = list(scratch or [])
     chain = scratch.pop() if opts.softcap is not None else None
     q = _soft_weights(soft, weight, opts, scratch.pop()) if soft is not None else None
     scores_into(z, x, opts, chain)
     z.sub_(m.unsqueeze(-1)).sub_(log_s.unsqueeze(-1)).exp_().mul_(g.unsqueeze(-1))  # g · softmax
-    _finish_gradient(z, g, m + log_s, opts, weight, weight_sum, y, w_y, q, chain)
-    grad_out.copy_(z)
+    _finish_gradient(z, g, m + log_s, opts, V, col0, weight, weight_sum, y, w_y, q, chain)
+    if grad_out is not z:
+        grad_out.copy_(z)
 
 
-def _finish_gradient(p, g, lse, opts, weight, weight_sum, y, w_y, q, chain) -> None:
-    """Turn ``p = g·softmax`` (r, V) into ``g·∂ℓ/∂x`` in place (DESIGN.md §1, gradients).
+def _finish_gradient(p, g, lse, opts, vocab_size, col0, weight, weight_sum, y, w_y, q, chain) -> None:
+    """Turn ``p = g·softmax`` (r, w) into ``g·∂ℓ/∂x`` in place (DESIGN.md §1, gradients).
 
     hard: ∂ℓ/∂z_j = softmax_j·((1-ε)w_y + (ε/V)Σw + 2c·w_y·lse) - (1-ε)w_y[j=y] - (ε/V)w_j
     soft: ∂ℓ/∂z_j = softmax_j·(Σ_k w_k p'_k + 2c·lse) - w_j p'_j
-    then the chain rule through the soft cap and the scale.
+    then the chain rule through the soft cap and the scale. ``p`` holds the columns
+    ``[col0, col0 + w)``; ``weight`` is their slice of the class weights.
     """
-    eps, c, V = opts.label_smoothing, opts.z_loss, p.shape[-1]
+    eps, c, V, width = opts.label_smoothing, opts.z_loss, vocab_size, p.shape[-1]
     if q is not None:
         coef = q.sum(-1)
         if c != 0.0:
@@ -288,14 +403,15 @@ def _finish_gradient(p, g, lse, opts, weight, weight_sum, y, w_y, q, chain) -> N
         p.mul_(coef.unsqueeze(-1))
         p.addcmul_(q, g.unsqueeze(-1), value=-1.0)
     else:
-        coef = (1.0 - eps) * w_y
-        if eps != 0.0:
-            coef = coef + (eps / V) * weight_sum
-        if c != 0.0:
-            coef = coef + 2.0 * c * w_y * lse
-        p.mul_(coef.unsqueeze(-1))
+        p.mul_(_coefficient(w_y, lse, opts, V, weight_sum).unsqueeze(-1))
         # the true class: formed here in the accumulation dtype, rounded once at the end
-        p.scatter_add_(-1, y.unsqueeze(-1), (-(1.0 - eps) * w_y * g).unsqueeze(-1))
+        at_y = -(1.0 - eps) * w_y * g
+        local = y - col0
+        if col0 != 0 or width != V:
+            inside = (local >= 0) & (local < width)
+            local = local.clamp(0, width - 1)
+            at_y = torch.where(inside, at_y, torch.zeros_like(at_y))
+        p.scatter_add_(-1, local.unsqueeze(-1), at_y.unsqueeze(-1))
         if eps != 0.0:
             smooth = g * (eps / V)  # pre-scaled by ε/V
             if weight is None:
