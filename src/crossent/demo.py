@@ -76,9 +76,53 @@ def stability_table() -> None:
     )
 
 
+def memory_demo(n_tokens: int = 512, hidden_size: int = 256, vocab_size: int = 128256) -> None:
+    """The fused classifier + loss beside eager PyTorch at a Llama-3-sized vocabulary."""
+    import torch.nn.functional as F
+
+    from . import linear_cross_entropy
+    from .measure import peak_extra_rss, timed
+
+    print(RULE)
+    print(f"part 3: classifier + loss fused — N={n_tokens} tokens, D={hidden_size}, V={vocab_size}, float32")
+    print(RULE)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n_tokens, hidden_size, generator=g).requires_grad_()
+    weight = (torch.randn(vocab_size, hidden_size, generator=g) / hidden_size**0.5).requires_grad_()
+    target = torch.randint(0, vocab_size, (n_tokens,), generator=g)
+
+    def eager():
+        loss = F.cross_entropy(hidden @ weight.T, target)
+        loss.backward()
+        return loss.detach()
+
+    def fused():
+        loss = linear_cross_entropy(hidden, weight, target)
+        loss.backward()
+        return loss.detach()
+
+    print(f"{'method':<34}{'loss':>10}{'time (s)':>10}{'peak extra memory':>20}")
+    for name, fn in (("F.cross_entropy(hidden @ W.T)", eager), ("crossent.linear_cross_entropy", fused)):
+        hidden.grad = weight.grad = None
+        (loss, seconds), peak = peak_extra_rss(lambda fn=fn: timed(fn))
+        print(f"{name:<34}{float(loss):10.4f}{seconds:10.2f}{peak / 2**20:16.0f} MiB")
+    logits_mib = n_tokens * vocab_size * 4 / 2**20
+    grad_mib = vocab_size * hidden_size * 4 / 2**20
+    print(
+        f"\nThe logits alone are {logits_mib:.0f} MiB, and eager PyTorch also keeps their softmax and their"
+        f"\ngradient; crossent holds one chunk of them at a time. Both peaks include the weight's"
+        f"\ngradient ({grad_mib:.0f} MiB), which any method needs."
+    )
+
+
 def run_demo() -> int:
     walkthrough()
     print()
     stability_table()
-    print("\nNext: README.md shows the Python API; `make test` checks every backend against the\nfloat64 reference.")
+    print()
+    memory_demo()
+    print(
+        "\nNext: README.md shows the Python API and the recipes; `make bench` measures time and"
+        "\nmemory against F.cross_entropy and torch.compile (benchmarks/RESULTS.md)."
+    )
     return 0
