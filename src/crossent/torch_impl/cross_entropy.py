@@ -29,9 +29,12 @@ from torch import Tensor
 from ..options import rows_per_chunk
 from .rows import (
     RowOptions,
+    RowSums,
     accumulation_dtype,
     backward_rows,
+    finish_rows,
     forward_rows,
+    grad_terms,
     reduce,
     reduction_scale,
     target_terms,
@@ -115,7 +118,6 @@ def _forward_impl(
     w, w_sum = _weights(weight, V, acc, device)
 
     if soft:
-        soft_rows = target  # (..., V): chunked alongside the logits
         terms = None
         keep = None
         denominator = torch.tensor(float(N), dtype=acc, device=device)
@@ -124,53 +126,47 @@ def _forward_impl(
         keep = terms.keep
         denominator = terms.denominator
 
-    token_loss = torch.empty(N, dtype=acc, device=device)
-    m = torch.empty(N, dtype=acc, device=device)
-    log_s = torch.empty(N, dtype=acc, device=device)
-    aux = torch.empty((N if want_aux else 0, AUX_COLUMNS), dtype=acc, device=device)
+    sums = RowSums.allocate(N, acc, device, soft=soft, smooth=opts.label_smoothing != 0.0, aux=want_aux)
     grad = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=device)
     grad_rows = grad.view(-1, V) if compute_grad else None
+    gterms = None
     if compute_grad:
         g_all = reduction_scale(reduction, denominator).expand(N)
         if keep is not None:
             g_all = torch.where(keep, g_all, torch.zeros_like(g_all))
+        gterms = grad_terms(g_all, opts, V, w_y=None if soft else terms.w_y, weight_sum=w_sum)
 
     n_scratch = scratch_buffers(soft, opts.softcap is not None, compute_grad, want_aux)
     chunk_rows = max(1, min(chunk_size, N))
     z_full = torch.empty((chunk_rows, V), dtype=acc, device=device)
     scratch_full = [torch.empty((chunk_rows, V), dtype=acc, device=device) for _ in range(n_scratch)]
-    soft_chunks = _chunks(soft_rows, chunk_rows) if soft else None
+    soft_chunks = _chunks(target, chunk_rows) if soft else None
 
     for lo, x in _chunks(logits, chunk_rows):
         r = x.shape[0]
         hi = lo + r
-        kw = {}
-        if soft:
-            kw["soft"] = next(soft_chunks)[1]
-        else:
-            kw.update(y=terms.y[lo:hi], w_y=terms.w_y[lo:hi], keep=terms.keep[lo:hi])
-        if compute_grad:
-            kw.update(g=g_all[lo:hi], grad_out=grad_rows[lo:hi])
-        stats = forward_rows(
+        forward_rows(
             x,
             z_full[:r],
             opts,
+            sums.rows(lo, hi),
             weight=w,
             weight_sum=w_sum,
+            y=None if soft else terms.y[lo:hi],
+            soft=next(soft_chunks)[1] if soft else None,
+            grad=gterms.rows(lo, hi) if compute_grad else None,
+            grad_out=grad_rows[lo:hi] if compute_grad else None,
             scratch=[b[:r] for b in scratch_full],
-            want_aux=want_aux,
-            **kw,
         )
-        token_loss[lo:hi] = stats.loss
-        m[lo:hi] = stats.m
-        log_s[lo:hi] = stats.log_s
-        if want_aux:
-            aux[lo:hi] = torch.stack([stats.ce, stats.zl, stats.entropy, stats.correct], dim=-1)
 
-    loss = reduce(token_loss, reduction, denominator)
+    stats = finish_rows(sums, opts, V, w_y=None if soft else terms.w_y, keep=keep, weight_sum=w_sum, want_aux=want_aux)
+    aux = torch.empty((N if want_aux else 0, AUX_COLUMNS), dtype=acc, device=device)
+    if want_aux:
+        aux = torch.stack([stats.ce, stats.zl, stats.entropy, stats.correct], dim=-1)
+    loss = reduce(stats.loss, reduction, denominator)
     if reduction == "none":
         loss = loss.view(lead_shape)
-    return loss, m, log_s, denominator, grad, aux
+    return loss, stats.m, stats.log_s, denominator, grad, aux
 
 
 def _backward_impl(

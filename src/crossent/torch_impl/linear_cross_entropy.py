@@ -41,9 +41,12 @@ from .cross_entropy import AUX_COLUMNS, scale_gradient_
 from .rows import (
     OnlineStats,
     RowOptions,
+    RowSums,
     accumulation_dtype,
     backward_rows,
+    finish_rows,
     forward_rows,
+    grad_terms,
     reduce,
     reduction_scale,
     scores_into,
@@ -167,39 +170,42 @@ class _Gradients:
 
 def _token_forward(p: _Problem, g: Tensor | None, grads: _Gradients | None, chunk: int, want_aux: bool):
     """Token-outer forward; with ``g`` also the gradients (three products)."""
-    n, V, acc, opts = p.n, p.V, p.acc, p.opts
-    loss, m, log_s = (torch.empty(n, dtype=acc, device=p.device) for _ in range(3))
-    aux = torch.empty((n if want_aux else 0, AUX_COLUMNS), dtype=acc, device=p.device)
+    n, V, acc, opts, t = p.n, p.V, p.acc, p.opts, p.terms
+    sums = RowSums.allocate(n, acc, p.device, soft=False, smooth=opts.label_smoothing != 0.0, aux=want_aux)
+    gterms = grad_terms(g, opts, V, w_y=t.w_y, weight_sum=p.w_sum) if g is not None else None
     rows = max(1, min(chunk, n))
     z_full = torch.empty((rows, V), dtype=acc, device=p.device)
     n_scratch = _scratch_count(opts.softcap is not None, g is not None, want_aux)
     scratch_full = [torch.empty((rows, V), dtype=acc, device=p.device) for _ in range(n_scratch)]
     w_acc = p.weight_slice(0, V)  # a view for a weight already in the accumulation dtype
-    t = p.terms
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
         h = p.h[lo:hi]
         z = p.scores(h, 0, V, z_full[: hi - lo], w_acc)
-        kw = dict(g=g[lo:hi], grad_out=z) if g is not None else {}
-        stats = forward_rows(
+        forward_rows(
             z,
             z,
             opts,
+            sums.rows(lo, hi),
             weight=p.cw,
             weight_sum=p.w_sum,
             y=t.y[lo:hi],
-            w_y=t.w_y[lo:hi],
-            keep=t.keep[lo:hi],
+            grad=gterms.rows(lo, hi) if g is not None else None,
+            grad_out=z,
             scratch=[b[: hi - lo] for b in scratch_full],
-            want_aux=want_aux,
-            **kw,
         )
-        loss[lo:hi], m[lo:hi], log_s[lo:hi] = stats.loss, stats.m, stats.log_s
-        if want_aux:
-            aux[lo:hi] = torch.stack([stats.ce, stats.zl, stats.entropy, stats.correct], dim=-1)
         if g is not None:
             _accumulate_token_chunk(grads, z, h, w_acc, lo, hi)
-    return loss, m, log_s, aux
+    return _rows_result(
+        p, finish_rows(sums, opts, V, w_y=t.w_y, keep=t.keep, weight_sum=p.w_sum, want_aux=want_aux), want_aux
+    )
+
+
+def _rows_result(p: _Problem, stats, want_aux: bool):
+    aux = torch.empty((p.n if want_aux else 0, AUX_COLUMNS), dtype=p.acc, device=p.device)
+    if want_aux:
+        aux = torch.stack([stats.ce, stats.zl, stats.entropy, stats.correct], dim=-1)
+    return stats.loss, stats.m, stats.log_s, aux
 
 
 def _accumulate_token_chunk(grads: _Gradients, dz: Tensor, h: Tensor, w_acc: Tensor, lo: int, hi: int) -> None:
@@ -225,11 +231,7 @@ def _vocab_forward(p: _Problem, chunk: int, want_aux: bool):
         p.scores(p.h, lo, hi, z)
         scores_into(z, z, opts, None)  # the scale and the soft cap
         stats.update(z, lo, p.cw[lo:hi] if p.cw is not None else None, scratch[:, : hi - lo] if want_aux else None)
-    result = stats.finish(V, t.w_y, t.keep)
-    aux = torch.empty((n if want_aux else 0, AUX_COLUMNS), dtype=acc, device=p.device)
-    if want_aux:
-        aux = torch.stack([result.ce, result.zl, result.entropy, result.correct], dim=-1)
-    return result.loss, result.m, result.log_s, aux
+    return _rows_result(p, stats.finish(V, t.w_y, t.keep), want_aux)
 
 
 def _gradient_pass(p: _Problem, schedule: str, chunk: int, m: Tensor, log_s: Tensor, g: Tensor, grads: _Gradients):

@@ -7,7 +7,7 @@ scaled per row by ``g``. A *vocabulary block* is the columns ``[col0, col0 + w)`
 :class:`OnlineStats` merges blocks into the same per-token statistics (DESIGN.md §1's online
 ``(m, S)`` merge), and :func:`backward_rows` recomputes the gradient of any block — a whole row
 being the block ``col0 = 0, w = V`` — from the saved pair, as ``exp((z - m) - log S)``. Both
-loops end in :func:`loss_terms`, so the loss has one formula. Everything works in caller-owned
+loops end in :func:`finish_rows`, so the loss has one formula. Everything works in caller-owned
 scratch buffers, so a loop allocates nothing per chunk.
 
 The per-token inputs that depend on the target alone (class id ``y``, its weight ``w_y``, the keep
@@ -111,89 +111,148 @@ def _soft_weights(p: Tensor, weight: Tensor | None, opts: RowOptions, out: Tenso
 
 
 @dataclass
+class RowSums:
+    """Per-token sums that a loop fills in chunk by chunk (accumulation dtype, one value per token).
+
+    Only the (r, V) work happens inside a loop; :func:`finish_rows` then turns these sums into the
+    loss of every token at once, so a loop costs few operations per chunk.
+    """
+
+    m: Tensor  # max_j z_j
+    log_s: Tensor  # log Σ_j exp(z_j - m)
+    z_y: Tensor | None = None  # z_y - m (hard target)
+    wz: Tensor | None = None  # Σ_j w_j (z_j - m) (hard target with label smoothing)
+    q_dot_z: Tensor | None = None  # Σ_j w_j p'_j (z_j - m) (soft target)
+    q_sum: Tensor | None = None  # Σ_j w_j p'_j (soft target)
+    p_dot_z: Tensor | None = None  # Σ_j p_j (z_j - m) (aux: the entropy is log S minus this)
+    hit: Tensor | None = None  # 1.0 where the argmax is the target (aux)
+
+    @staticmethod
+    def allocate(n: int, acc, device, *, soft: bool, smooth: bool, aux: bool) -> RowSums:
+        def vec(wanted: bool = True):
+            return torch.empty(n, dtype=acc, device=device) if wanted else None
+
+        return RowSums(
+            m=vec(),
+            log_s=vec(),
+            z_y=vec(not soft),
+            wz=vec(smooth and not soft),
+            q_dot_z=vec(soft),
+            q_sum=vec(soft),
+            p_dot_z=vec(aux),
+            hit=vec(aux),
+        )
+
+    def rows(self, lo: int, hi: int) -> RowSums:
+        return RowSums(**{k: (v[lo:hi] if v is not None else None) for k, v in vars(self).items()})
+
+
+@dataclass
 class RowStats:
-    """Per-token results of a chunk (accumulation dtype)."""
+    """Per-token results (accumulation dtype)."""
 
-    loss: Tensor  # (r,) ℓ = ce + zl (0 for ignored tokens)
-    m: Tensor  # (r,) row maximum of z
-    log_s: Tensor  # (r,) log Σ exp(z - m)
-    ce: Tensor | None = None  # (r,) with aux
-    zl: Tensor | None = None  # (r,) with aux
-    entropy: Tensor | None = None  # (r,) with aux
-    correct: Tensor | None = None  # (r,) 1.0 where the argmax is the target and the token is kept
+    loss: Tensor  # ℓ = ce + zl (0 for ignored tokens)
+    m: Tensor  # row maximum of z
+    log_s: Tensor  # log Σ exp(z - m)
+    ce: Tensor | None = None  # with aux
+    zl: Tensor | None = None  # with aux
+    entropy: Tensor | None = None  # with aux
+    correct: Tensor | None = None  # with aux: 1.0 where the argmax is the target and the token is kept
 
 
-def loss_terms(
-    m: Tensor,
-    log_s: Tensor,
+def finish_rows(
+    sums: RowSums,
     opts: RowOptions,
     vocab_size: int,
     *,
-    z_y: Tensor | None = None,
-    wz: Tensor | None = None,
-    weight_sum: Tensor | None = None,
     w_y: Tensor | None = None,
     keep: Tensor | None = None,
-    q_dot_z: Tensor | None = None,
-    q_sum: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """(ce, z-loss or None) per token from the shifted sums of a row (DESIGN.md §1, 3–5).
+    weight_sum: Tensor | None = None,
+    want_aux: bool = False,
+) -> RowStats:
+    """The loss terms of DESIGN.md §1 (3–5) for every token, from its sums.
 
-    Hard targets give ``z_y = z_y - m`` and, with smoothing, ``wz = Σ_j w_j (z_j - m)``; soft
-    targets give ``q_dot_z = Σ_j w_j p'_j (z_j - m)`` and ``q_sum = Σ_j w_j p'_j``.
+    hard: ce = -(1-ε)·w_y·((z_y - m) - log S) - (ε/V)·(Σ_j w_j (z_j - m) - log S·Σ_j w_j)
+    soft: ce = -(Σ_j w_j p'_j (z_j - m) - log S·Σ_j w_j p'_j)
+    z-loss: c·w_y·lse² (hard), c·lse² (soft), with lse = m + log S; not computed when c = 0.
     """
-    eps, c = opts.label_smoothing, opts.z_loss
+    eps, c, m, log_s = opts.label_smoothing, opts.z_loss, sums.m, sums.log_s
     lse = m + log_s
-    if q_dot_z is not None:
-        ce = -(q_dot_z - log_s * q_sum)  # -Σ w_j p'_j ((z_j - m) - log S)
-        return ce, (c * lse * lse if c != 0.0 else None)
-    log_p_y = z_y - log_s  # (z_y - m) - log S, the seed's order
-    ce = -(1.0 - eps) * w_y * log_p_y
-    if eps != 0.0:
-        ce = ce - (eps / vocab_size) * (wz - log_s * weight_sum)
-    zero = torch.zeros_like(ce)
-    ce = torch.where(keep, ce, zero)  # an ignored token is exactly 0, whatever its logits
-    zl = torch.where(keep, c * w_y * lse * lse, zero) if c != 0.0 else None
-    return ce, zl
-
-
-def _stats(ce: Tensor, zl: Tensor | None, m: Tensor, log_s: Tensor, want_aux: bool, entropy=None, correct=None):
+    if sums.q_dot_z is not None:
+        ce = -(sums.q_dot_z - log_s * sums.q_sum)
+        zl = c * lse * lse if c != 0.0 else None
+    else:
+        ce = -(1.0 - eps) * w_y * (sums.z_y - log_s)  # (z_y - m) - log S: the seed's order
+        if eps != 0.0:
+            ce = ce - (eps / vocab_size) * (sums.wz - log_s * weight_sum)
+        zero = torch.zeros_like(ce)
+        ce = torch.where(keep, ce, zero)  # an ignored token is exactly 0, whatever its logits
+        zl = torch.where(keep, c * w_y * lse * lse, zero) if c != 0.0 else None
     stats = RowStats(loss=ce if zl is None else ce + zl, m=m, log_s=log_s)
     if want_aux:
         stats.ce, stats.zl = ce, (zl if zl is not None else torch.zeros_like(ce))
-        stats.entropy, stats.correct = entropy, correct
+        stats.entropy = log_s - sums.p_dot_z  # -Σ p log p = log S - Σ p_j (z_j - m)
+        stats.correct = sums.hit if keep is None else torch.where(keep, sums.hit, torch.zeros_like(sums.hit))
     return stats
+
+
+@dataclass
+class GradTerms:
+    """Per-token factors of the gradient, computed once for all tokens (DESIGN.md §1).
+
+    ``g`` is ``∂loss/∂ℓ_i`` (0 for ignored tokens). For hard targets, with ``gs = g·s``:
+    ``a0 = gs·((1-ε)w_y + (ε/V)Σw)`` and ``az = gs·2c·w_y`` make the factor of softmax_j
+    (``a0 + az·lse``), ``gy = gs·(1-ε)w_y`` is taken off at the target, ``b = gs·ε/V`` everywhere.
+    """
+
+    g: Tensor
+    w_y: Tensor | None = None
+    a0: Tensor | None = None
+    az: Tensor | None = None
+    gy: Tensor | None = None
+    b: Tensor | None = None
+
+    def rows(self, lo: int, hi: int) -> GradTerms:
+        return GradTerms(**{k: (v[lo:hi] if v is not None else None) for k, v in vars(self).items()})
+
+
+def grad_terms(g: Tensor, opts: RowOptions, vocab_size: int, *, w_y=None, weight_sum=None) -> GradTerms:
+    if w_y is None:
+        return GradTerms(g=g)
+    eps, c = opts.label_smoothing, opts.z_loss
+    gs = g * opts.logit_scale
+    gy = gs * (1.0 - eps) * w_y
+    a0 = gy + gs * (eps / vocab_size) * weight_sum if eps != 0.0 else gy
+    az = gs * (2.0 * c) * w_y if c != 0.0 else None
+    b = gs * (eps / vocab_size) if eps != 0.0 else None
+    return GradTerms(g=g, w_y=w_y, a0=a0, az=az, gy=gy, b=b)
 
 
 def forward_rows(
     x: Tensor,
     z: Tensor,
     opts: RowOptions,
+    out: RowSums,
     *,
     weight: Tensor | None,
     weight_sum: Tensor | None,
     y: Tensor | None = None,
-    w_y: Tensor | None = None,
-    keep: Tensor | None = None,
     soft: Tensor | None = None,
-    g: Tensor | None = None,
+    grad: GradTerms | None = None,
     grad_out: Tensor | None = None,
     scratch: list[Tensor] | None = None,
-    want_aux: bool = False,
-) -> RowStats:
-    """Loss terms of r full rows ``x`` (r, V), and with ``g`` (r,) their scaled gradient.
+) -> None:
+    """Fill ``out`` (the rows' :class:`RowSums`) from r full rows ``x`` (r, V); with ``grad``
+    also write their gradient ``g_i · ∂ℓ_i/∂x_i`` into ``grad_out`` (r, V), in its dtype.
 
     ``z`` is an (r, V) accumulation-dtype buffer that the call overwrites (it may be ``x``
-    itself). Hard targets pass ``y, w_y, keep`` (from :func:`target_terms`); soft targets pass
-    ``soft`` (r, V) probabilities. With ``g``, the gradient ``g_i · ∂ℓ_i/∂x_i`` is written into
-    ``grad_out`` (r, V), in its dtype (it may be ``x``: ``x`` is read in full first). ``scratch``
-    holds up to three more (r, V) buffers for the options that need them (soft targets, soft cap
-    with gradient, entropy).
+    itself; ``grad_out`` may be ``x`` too: ``x`` is read in full first). Hard targets pass ``y``,
+    soft targets ``soft`` (r, V) probabilities. ``scratch`` holds up to three more (r, V)
+    buffers for the options that need them (soft targets, soft cap with gradient, entropy).
     """
-    eps, V = opts.label_smoothing, x.shape[-1]
     scratch = list(scratch or [])
-    want_grad = g is not None
-    chain = scratch.pop() if (want_grad and opts.softcap is not None) else None
+    want_aux = out.p_dot_z is not None
+    chain = scratch.pop() if (grad is not None and opts.softcap is not None) else None
     q = _soft_weights(soft, weight, opts, scratch.pop()) if soft is not None else None
 
     if opts.logit_scale == 1.0 and opts.softcap is None:
@@ -204,61 +263,57 @@ def forward_rows(
         scores_into(z, x, opts, chain)
         m = z.amax(-1)
         z.sub_(m.unsqueeze(-1))
-    correct = None
+    out.m.copy_(m)
     if want_aux:
-        hit = z.argmax(-1) == (soft.argmax(-1) if soft is not None else y)
-        correct = (hit & keep if keep is not None else hit).to(z.dtype)
+        torch.eq(z.argmax(-1), soft.argmax(-1) if soft is not None else y, out=out.hit)
 
-    # The loss needs z_y - m (hard), Σ w_j (z_j - m) (smoothing), Σ w_j p'_j (z_j - m) (soft):
-    # all taken before the exponentials overwrite z.
-    sums = {}
+    # z_y - m (hard), Σ w_j (z_j - m) (smoothing), Σ w_j p'_j (z_j - m) (soft): all taken
+    # before the exponentials overwrite z
     if q is not None:
-        sums.update(q_dot_z=rowdot(q, z), q_sum=q.sum(-1))
+        out.q_dot_z.copy_(rowdot(q, z))
+        torch.sum(q, -1, out=out.q_sum)
     else:
-        sums.update(z_y=z.gather(-1, y.unsqueeze(-1)).squeeze(-1), w_y=w_y, keep=keep, weight_sum=weight_sum)
-        if eps != 0.0:
-            sums["wz"] = z @ weight if weight is not None else z.sum(-1)
+        torch.gather(z, -1, y.unsqueeze(-1), out=out.z_y.unsqueeze(-1))
+        if out.wz is not None:
+            torch.mv(z, weight, out=out.wz) if weight is not None else torch.sum(z, -1, out=out.wz)
 
     e = z
     if want_aux:
         e = torch.exp(z, out=scratch.pop())
-        zsum = rowdot(e, z)  # Σ e_j (z_j - m), for the entropy
+        out.p_dot_z.copy_(rowdot(e, z))
     else:
         e.exp_()
     s = e.sum(-1)
-    log_s = s.log()
-    ce, zl = loss_terms(m, log_s, opts, V, **sums)
-    entropy = log_s - zsum / s if want_aux else None  # -Σ p log p = log S - Σ p_j (z_j - m)
-    stats = _stats(ce, zl, m, log_s, want_aux, entropy, correct)
-
-    if want_grad:
-        lse = m + log_s
-        if q is None and chain is None and (eps == 0.0 or weight is None):
-            _hard_gradient_into(grad_out, e, s, g, lse, opts, weight_sum, y, w_y)
-        else:
-            e.mul_((g / s).unsqueeze(-1))  # g · softmax
-            _finish_gradient(e, g, lse, opts, V, 0, weight, weight_sum, y, w_y, q, chain)
-            grad_out.copy_(e)
-    return stats
+    torch.log(s, out=out.log_s)
+    if want_aux:
+        out.p_dot_z.div_(s)
+    if grad is None:
+        return
+    if q is None and chain is None and (weight is None or opts.label_smoothing == 0.0):
+        _hard_gradient_into(grad_out, e, s, out, grad, y)
+    else:
+        lse = m + out.log_s
+        e.mul_((grad.g / s).unsqueeze(-1))  # g · softmax
+        _finish_gradient(e, grad.g, lse, opts, x.shape[-1], 0, weight, weight_sum, y, grad.w_y, q, chain)
+        grad_out.copy_(e)
 
 
-def _hard_gradient_into(out, e, s, g, lse, opts, weight_sum, y, w_y) -> None:
+def _hard_gradient_into(grad_out, e, s, sums: RowSums, t: GradTerms, y) -> None:
     """The common case (hard target, no soft cap, no class-weighted smoothing) in one pass.
 
-    ``out = e·a - b`` row by row, with ``a = g·coef/S`` and ``b = g·(ε/V)`` (the smoothing),
-    written straight into the output dtype; then the target element, formed in the accumulation
-    dtype from the same ``e_y``, overwrites its slot, so it is rounded once.
+    ``grad_out = e·a - b`` row by row, with ``a = (a0 + az·lse)/S``, written straight into the
+    output dtype; then the target element, formed in the accumulation dtype from the same
+    ``e_y``, overwrites its slot, so it is rounded once.
     """
-    eps, V, gs = opts.label_smoothing, e.shape[-1], g * opts.logit_scale
-    a = gs * _coefficient(w_y, lse, opts, V, weight_sum) / s
-    at_y = e.gather(-1, y.unsqueeze(-1)).squeeze(-1) * a - gs * (1.0 - eps) * w_y
-    if eps != 0.0:
-        b = gs * (eps / V)
-        at_y = at_y - b
-        torch.addcmul(b.neg().unsqueeze(-1), e, a.unsqueeze(-1), out=out)
+    a = t.a0 if t.az is None else t.a0 + t.az * (sums.m + sums.log_s)
+    a = a / s
+    at_y = e.gather(-1, y.unsqueeze(-1)).squeeze(-1) * a - t.gy
+    if t.b is not None:
+        at_y = at_y - t.b
+        torch.addcmul(t.b.neg().unsqueeze(-1), e, a.unsqueeze(-1), out=grad_out)
     else:
-        torch.mul(e, a.unsqueeze(-1), out=out)
-    out.scatter_(-1, y.unsqueeze(-1), at_y.unsqueeze(-1).to(out.dtype))
+        torch.mul(e, a.unsqueeze(-1), out=grad_out)
+    grad_out.scatter_(-1, y.unsqueeze(-1), at_y.unsqueeze(-1).to(grad_out.dtype))
 
 
 def _coefficient(w_y, lse, opts: RowOptions, vocab_size: int, weight_sum) -> Tensor:
@@ -333,22 +388,13 @@ class OnlineStats:
 
     def finish(self, vocab_size: int, w_y: Tensor, keep: Tensor) -> RowStats:
         log_s = self.s.log()
-        ce, zl = loss_terms(
-            self.m,
-            log_s,
-            self.opts,
-            vocab_size,
-            z_y=self.z_y - self.m,
-            wz=self.wz,
-            weight_sum=self.weight_sum,
-            w_y=w_y,
-            keep=keep,
-        )
-        entropy = correct = None
+        sums = RowSums(m=self.m, log_s=log_s, z_y=self.z_y - self.m, wz=self.wz)
         if self.want_aux:
-            entropy = log_s - self.ent / self.s
-            correct = ((self.best == self.y) & keep).to(self.m.dtype)
-        return _stats(ce, zl, self.m, log_s, self.want_aux, entropy, correct)
+            sums.p_dot_z = self.ent / self.s
+            sums.hit = (self.best == self.y).to(self.m.dtype)
+        return finish_rows(
+            sums, self.opts, vocab_size, w_y=w_y, keep=keep, weight_sum=self.weight_sum, want_aux=self.want_aux
+        )
 
 
 def backward_rows(

@@ -919,24 +919,22 @@ def _setup_context(ctx, inputs, output):
     ) = inputs
     loss, m, log_s, denominator, grad, aux = output
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, block_v)
-    ctx.grad_in_forward = compute_grad
     ctx.set_materialize_grads(False)
-    if compute_grad:
-        # logits are saved too (no copy: an input) so that a second backward through a retained
-        # graph can recompute after the first one consumed the gradient.
-        ctx.save_for_backward(logits, target, weight, m, log_s, denominator, grad)
-    else:
-        ctx.save_for_backward(logits, target, weight, m, log_s, denominator)
+    ctx.mark_non_differentiable(m, log_s, denominator, grad, aux)
+    ctx.save_for_backward(logits, target, weight, m, log_s, denominator)
+    # The gradient computed in forward is kept outside save_for_backward: backward scales it in
+    # place, and a second backward through a retained graph (which recomputes) must still be able
+    # to unpack the saved tensors. It is non-differentiable, so this makes no reference cycle.
+    ctx.grad_from_forward = grad if compute_grad else None
 
 
 def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return (None,) * 12
-    saved = ctx.saved_tensors
-    logits, target, weight, m, log_s, denominator = saved[:6]
-    if ctx.grad_in_forward and not getattr(ctx, "grad_consumed", False):
-        grad = saved[6]
-        ctx.grad_consumed = True  # it is scaled in place: a second backward recomputes instead
+    logits, target, weight, m, log_s, denominator = ctx.saved_tensors
+    grad = ctx.grad_from_forward
+    if grad is not None:
+        ctx.grad_from_forward = None  # scaled in place: a second backward recomputes instead
         scale_gradient_(grad, grad_loss)
     else:
         grad = triton_cross_entropy_backward(grad_loss, logits, target, weight, m, log_s, denominator, *ctx.options)
