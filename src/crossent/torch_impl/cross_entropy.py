@@ -11,7 +11,7 @@ forward saves O(N) — the per-token ``(m, log S)`` pair — beyond its inputs, 
 Where the gradient is computed: when ``logits`` requires grad in eager mode, forward writes
 ``∂loss/∂logits`` (scaled for the reduction) into a fresh tensor while the exponentials are at
 hand; backward then only scales it by the upstream gradient, in place, and skips even that when
-the upstream gradient is exactly 1 on a CPU tensor. Measured on a 2-core CPU this is 1.3–1.5×
+the upstream gradient is exactly 1 on a CPU tensor (``loss.backward()``). Measured on a 2-core CPU this is 1.3–1.5×
 faster than recomputing in backward (benchmarks/RESULTS.md). Backward recomputes from the saved
 pair instead — same result — under ``torch.compile`` (the traced graph stays functional), with
 ``inplace_backward=True`` (the gradient then overwrites the logits chunk by chunk: O(chunk) extra
@@ -58,36 +58,39 @@ def scratch_buffers(soft: bool, softcap: bool, want_grad: bool, want_aux: bool) 
     return int(soft) + int(softcap and want_grad) + int(want_aux)
 
 
-def row_blocks(x: Tensor) -> list[tuple[int, Tensor]]:
-    """Split ``x`` (..., V) into (first flat row, 2-D view) blocks, never copying.
+def row_blocks(x: Tensor) -> list[tuple[int, tuple[int, ...]]]:
+    """Split the rows of ``x`` (..., V) into blocks that are 2-D views: (first flat row, index).
 
     Leading dims that can be merged into one row index by a view are merged; the outer ones that
-    cannot (e.g. ``logits[:, :-1]`` of a (B, T, V) tensor) are iterated. Rows follow the
-    row-major order of the leading dims, as ``target.reshape(-1)`` does.
+    cannot (e.g. ``logits[:, :-1]`` of a (B, T, V) tensor) are iterated: block ``index`` is
+    ``x[index].view(-1, V)``. Rows follow the row-major order of the leading dims, as
+    ``target.reshape(-1)`` does.
     """
     V = x.shape[-1]
     lead = list(x.shape[:-1])
     if math.prod(lead) == 0:
         return []
     for k in range(len(lead) + 1):
-        first = x[(0,) * k] if k else x
         try:
-            first.view(-1, V)
+            x[(0,) * k].view(-1, V)
         except RuntimeError:
             continue
         rows = math.prod(lead[k:])
-        blocks = []
-        for n, index in enumerate(itertools.product(*(range(d) for d in lead[:k]))):
-            blocks.append((n * rows, (x[index] if k else x).view(-1, V)))
-        return blocks
+        return [(n * rows, index) for n, index in enumerate(itertools.product(*(range(d) for d in lead[:k])))]
     raise AssertionError("unreachable: a single row is always viewable")
 
 
-def _chunks(x: Tensor, chunk_rows: int):
-    """Yield (first flat row, (r, V) view) chunks of at most ``chunk_rows`` rows."""
-    for start, block in row_blocks(x):
-        for lo in range(0, block.shape[0], chunk_rows):
-            yield start + lo, block[lo : lo + chunk_rows]
+def aligned_chunks(chunk_rows: int, x: Tensor, *others: Tensor | None):
+    """Yield (first flat row, (r, V) chunk of ``x``, the same rows of each of ``others``).
+
+    The blocks are those of ``x`` (views, never copies). ``others`` share ``x``'s leading dims;
+    a contiguous one (a fresh output) is viewed the same way; another input that cannot be is
+    read through a copy of the block (``None`` entries stay ``None``).
+    """
+    for start, index in row_blocks(x):
+        blocks = [t[index].reshape(-1, t.shape[-1]) if t is not None else None for t in (x, *others)]
+        for lo in range(0, blocks[0].shape[0], chunk_rows):
+            yield (start + lo, *(b[lo : lo + chunk_rows] if b is not None else None for b in blocks))
 
 
 def _weights(weight: Tensor | None, vocab_size: int, acc, device) -> tuple[Tensor | None, Tensor]:
@@ -128,7 +131,6 @@ def _forward_impl(
 
     sums = RowSums.allocate(N, acc, device, soft=soft, smooth=opts.label_smoothing != 0.0, aux=want_aux)
     grad = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=device)
-    grad_rows = grad.view(-1, V) if compute_grad else None
     gterms = None
     if compute_grad:
         g_all = reduction_scale(reduction, denominator).expand(N)
@@ -140,9 +142,9 @@ def _forward_impl(
     chunk_rows = max(1, min(chunk_size, N))
     z_full = torch.empty((chunk_rows, V), dtype=acc, device=device)
     scratch_full = [torch.empty((chunk_rows, V), dtype=acc, device=device) for _ in range(n_scratch)]
-    soft_chunks = _chunks(target, chunk_rows) if soft else None
-
-    for lo, x in _chunks(logits, chunk_rows):
+    for lo, x, soft_rows, grad_out in aligned_chunks(
+        chunk_rows, logits, target if soft else None, grad if compute_grad else None
+    ):
         r = x.shape[0]
         hi = lo + r
         forward_rows(
@@ -153,9 +155,9 @@ def _forward_impl(
             weight=w,
             weight_sum=w_sum,
             y=None if soft else terms.y[lo:hi],
-            soft=next(soft_chunks)[1] if soft else None,
+            soft=soft_rows,
             grad=gterms.rows(lo, hi) if compute_grad else None,
-            grad_out=grad_rows[lo:hi] if compute_grad else None,
+            grad_out=grad_out,
             scratch=[b[:r] for b in scratch_full],
         )
 
@@ -199,12 +201,13 @@ def _backward_impl(
     z_full = torch.empty((chunk_rows, V), dtype=acc, device=logits.device)
     n_scratch = scratch_buffers(soft, opts.softcap is not None, True, False)
     scratch_full = [torch.empty((chunk_rows, V), dtype=acc, device=logits.device) for _ in range(n_scratch)]
-    out_chunks = _chunks(out, chunk_rows)
-    soft_chunks = _chunks(target, chunk_rows) if soft else None
-    for lo, x in _chunks(logits, chunk_rows):
+    in_place = out is logits
+    for lo, x, soft_rows, out_rows in aligned_chunks(
+        chunk_rows, logits, target if soft else None, None if in_place else out
+    ):
         r = x.shape[0]
         hi = lo + r
-        kw = {"soft": next(soft_chunks)[1]} if soft else {"y": terms.y[lo:hi], "w_y": terms.w_y[lo:hi]}
+        kw = {"soft": soft_rows} if soft else {"y": terms.y[lo:hi], "w_y": terms.w_y[lo:hi]}
         backward_rows(
             x,
             z_full[:r],
@@ -212,7 +215,7 @@ def _backward_impl(
             m=m[lo:hi],
             log_s=log_s[lo:hi],
             g=g_all[lo:hi],
-            grad_out=next(out_chunks)[1],
+            grad_out=x if in_place else out_rows,
             weight=w,
             weight_sum=w_sum,
             scratch=[b[:r] for b in scratch_full],
@@ -347,15 +350,16 @@ def cross_entropy_backward_(
     )
 
 
-@torch.library.custom_op("crossent::scale_gradient_", mutates_args=("grad",))
-def scale_gradient_(grad: Tensor, grad_loss: Tensor) -> None:
-    """``grad *= grad_loss`` (a scalar, or one value per row), skipped when it is exactly 1 on CPU."""
+def scale_saved_gradient(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """Eager backward of a gradient computed in forward: ``grad *= grad_loss`` in place (a
+    scalar, or one value per row), skipped when it is exactly 1 on a CPU tensor (no host sync
+    elsewhere). The gradient is the call's own buffer, handed over once (see ``_setup_context``)."""
     if grad_loss.dim() == 0:
-        if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
-            return  # the usual `loss.backward()`: no pass over the (N, V) gradient at all
-        grad.mul_(grad_loss)
+        if not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
+            grad.mul_(grad_loss)  # the usual `loss.backward()` on a CPU makes no pass at all
     else:
         grad.view(-1, grad.shape[-1]).mul_(grad_loss.reshape(-1, 1))
+    return grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,31 +394,27 @@ def _setup_context(ctx, inputs, output):
     ) = inputs
     loss, m, log_s, denominator, grad, aux = output
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size)
-    ctx.grad_in_forward = compute_grad
-    ctx.inplace = False
     ctx.set_materialize_grads(False)
-    if compute_grad:
-        # logits are saved too (no copy: an input) so that a second backward through a retained
-        # graph can recompute after the first one consumed the gradient.
-        ctx.save_for_backward(logits, target, weight, m, log_s, denominator, grad)
-    else:
-        ctx.save_for_backward(logits, target, weight, m, log_s, denominator)
+    # A gradient computed in forward (eager only) is handed to the first backward through this box,
+    # not saved: backward scales it in place and lets go of it, so autograd can take it as `.grad`
+    # without a copy, and a second backward through a retained graph recomputes from the inputs.
+    ctx.grad_box = [grad] if compute_grad else []
+    ctx.grad_in_forward = compute_grad
+    ctx.save_for_backward(logits, target, weight, m, log_s, denominator)
 
 
 def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return (None,) * 12
-    saved = ctx.saved_tensors
-    logits, target, weight, m, log_s, denominator = saved[:6]
-    if ctx.grad_in_forward and not getattr(ctx, "grad_consumed", False):
-        grad = saved[6]
-        ctx.grad_consumed = True  # it is scaled in place: a second backward recomputes instead
-        scale_gradient_(grad, grad_loss)
-    elif ctx.inplace:
-        cross_entropy_backward_(grad_loss, logits, target, weight, m, log_s, denominator, *ctx.options)
-        grad = logits
-    else:
-        grad = cross_entropy_backward(grad_loss, logits, target, weight, m, log_s, denominator, *ctx.options)
+    if ctx.grad_box:
+        return (scale_saved_gradient(ctx.grad_box.pop(), grad_loss),) + (None,) * 11
+    logits, target, weight, m, log_s, denominator = ctx.saved_tensors
+    if ctx.grad_in_forward:
+        # a second eager backward: the forward's own gradient path again, so that repeated
+        # backward passes agree bit for bit (gradcheck's reentrancy check)
+        grad = cross_entropy_forward(logits, target, weight, *ctx.options, True, False)[4]
+        return (scale_saved_gradient(grad, grad_loss),) + (None,) * 11
+    grad = cross_entropy_backward(grad_loss, logits, target, weight, m, log_s, denominator, *ctx.options)
     return (grad,) + (None,) * 11
 
 

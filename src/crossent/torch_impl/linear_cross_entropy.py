@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..options import get_memory_budget, rows_per_chunk
-from .cross_entropy import AUX_COLUMNS, scale_gradient_
+from .cross_entropy import AUX_COLUMNS, scale_saved_gradient
 from .rows import (
     OnlineStats,
     RowOptions,
@@ -406,8 +406,12 @@ def linear_cross_entropy_forward(
     need_w: bool,
     need_b: bool,
     want_aux: bool,
+    eager: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, m, log_s, denominator, grad_hidden, grad_weight, grad_bias, aux); hidden is (N, D)."""
+    """(loss, m, log_s, denominator, grad_hidden, grad_weight, grad_bias, aux); hidden is (N, D).
+
+    ``eager`` only tells the autograd registration how to keep the gradients (see ``_setup_context``).
+    """
     opts = RowOptions(label_smoothing, z_loss, softcap, logit_scale)
     return _forward_impl(
         hidden,
@@ -565,8 +569,9 @@ def _setup_context(ctx, inputs, output):
         need_w,
         need_b,
         want_aux,
+        eager,
     ) = inputs
-    loss, m, log_s, denominator, grad_h, grad_w, grad_b, aux = output
+    loss, m, log_s, denominator, grad_h, grad_w, grad_b = output[:7]
     ctx.options = (
         ignore_index,
         reduction,
@@ -580,32 +585,37 @@ def _setup_context(ctx, inputs, output):
         need_w,
         need_b,
     )
-    ctx.grads_in_forward = (need_h or need_w or need_b) and reduction != "none"
     ctx.need = (need_h, need_w, need_b)
     ctx.has_bias = bias is not None
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, bias, target, class_weight, m, log_s, grad_h, grad_w, grad_b)
+    in_forward = (need_h or need_w or need_b) and reduction != "none"
+    # Eager: the gradients computed in forward are handed to the first backward through a box
+    # (scaled in place, then let go; a second backward recomputes). Under torch.compile they are
+    # saved and scaled out of place, which keeps the traced graph functional.
+    ctx.grad_box = [grad_h, grad_w, grad_b] if in_forward and eager else []
+    ctx.grads_saved = in_forward and not eager
+    saved_grads = (grad_h, grad_w, grad_b) if ctx.grads_saved else ()
+    ctx.save_for_backward(hidden, weight, bias, target, class_weight, m, log_s, *saved_grads)
 
 
 def _backward(ctx, grad_loss, *unused):
-    none = (None,) * 17
     if grad_loss is None:
-        return none
-    hidden, weight, bias, target, class_weight, m, log_s, grad_h, grad_w, grad_b = ctx.saved_tensors
-    if ctx.grads_in_forward and not getattr(ctx, "grads_consumed", False):
-        ctx.grads_consumed = True  # scaled in place: a second backward recomputes instead
-        grads = [grad_h, grad_w, grad_b]
-        for grad, need in zip(grads, ctx.need, strict=True):
-            if need:
-                scale_gradient_(grad, grad_loss)
+        return (None,) * 18
+    if ctx.grad_box:
+        grads = [
+            scale_saved_gradient(g, grad_loss) if need else None for g, need in zip(ctx.grad_box, ctx.need, strict=True)
+        ]
+        ctx.grad_box = []
     else:
-        grads = list(
-            linear_cross_entropy_backward(grad_loss, hidden, weight, bias, target, class_weight, m, log_s, *ctx.options)
-        )
+        saved = ctx.saved_tensors
+        if ctx.grads_saved:
+            grads = [g * grad_loss if need else None for g, need in zip(saved[7:], ctx.need, strict=True)]
+        else:
+            grads = list(linear_cross_entropy_backward(grad_loss, *saved[:7], *ctx.options))
     grads = [grad if need else None for grad, need in zip(grads, ctx.need, strict=True)]
     if not ctx.has_bias:
         grads[2] = None
-    return (grads[0], grads[1], grads[2]) + (None,) * 14
+    return (grads[0], grads[1], grads[2]) + (None,) * 15
 
 
 linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -643,6 +653,7 @@ def linear_cross_entropy_op(
         need_w,
         need_b,
         opts.return_aux,
+        not torch.compiler.is_compiling(),
     )
     return loss, m, log_s, denominator, aux
 

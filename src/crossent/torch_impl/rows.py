@@ -75,8 +75,13 @@ def reduce(token_values: Tensor, reduction: str, denominator: Tensor) -> Tensor:
     """Reduce per-token values as the loss is reduced ("mean": Σ / denominator, 0 when it is 0)."""
     if reduction == "none":
         return token_values
-    total = token_values.sum()
-    return total * reduction_scale(reduction, denominator) if reduction == "mean" else total
+    if reduction == "sum":
+        return token_values.sum()
+    # "mean": summed in float64, so a mean that is representable is finite even when the sum of
+    # the per-token losses is not (e.g. a few losses near 3e38 in float32)
+    wide = torch.float64 if token_values.device.type != "mps" else token_values.dtype
+    mean = token_values.to(wide).sum() * reduction_scale(reduction, denominator.to(wide))
+    return mean.to(token_values.dtype)
 
 
 def rowdot(a: Tensor, b: Tensor) -> Tensor:

@@ -54,7 +54,7 @@ from triton.language.extra import libdevice
 
 from ..functional import interpreter_on
 from ..options import LossOptions
-from ..torch_impl.cross_entropy import row_blocks, scale_gradient_
+from ..torch_impl.cross_entropy import row_blocks
 from ..torch_impl.rows import reduce, reduction_scale, target_terms
 
 AUX_COLUMNS = 4  # ce, z-loss, entropy, correct
@@ -191,9 +191,10 @@ def _gradient_row(
     for start in range(0, V, BLOCK_V):
         cols = start + lanes
         mask = cols < V
-        x = tl.load(x_row + _offsets(cols, x_cs, X_UNIT), mask=mask & keep, other=0.0)
+        live = mask & keep
+        x = tl.load(x_row + _offsets(cols, x_cs, X_UNIT), mask=live, other=0.0)
         z, t = _scores(x, s, k, HAS_SCALE, HAS_SOFTCAP, LIBDEVICE)
-        p = tl.exp((z - base) - log_s)
+        p = tl.exp(tl.where(live, (z - base) - log_s, _NEG_INF))  # softmax_j, the seed's order
         gz = p * g_coef
         if SOFT:
             q = tl.load(t_row + _offsets(cols, t_cs, T_UNIT), mask=mask, other=0.0).to(tl.float32)
@@ -294,7 +295,7 @@ def _forward_kernel(
         m_new = tl.maximum(m, m_blk)
         base_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
         shift = base - base_new  # <= 0 once a finite value was seen
-        alpha = tl.where(sum_e == 0.0, 0.0, tl.exp(shift))  # nothing to re-base while S is 0
+        alpha = tl.where(sum_e == 0.0, 0.0, tl.exp(tl.minimum(shift, 0.0)))  # nothing to re-base while S is 0
         zs = z - base_new
         e = tl.exp(zs)  # masked lanes: exp(-inf) = 0
         if WANT_AUX:
@@ -576,7 +577,8 @@ def _blocks(logits: Tensor, target: Tensor, grad_into: Tensor | None):
     V = logits.shape[-1]
     soft = target.is_floating_point()
     t_rows = target.reshape(-1, V) if soft else _hard_rows(target)
-    for start, x in row_blocks(logits):
+    for start, index in row_blocks(logits):
+        x = logits[index].view(-1, V)
         r = x.shape[0]
         if grad_into is None:
             gx = None
@@ -902,6 +904,18 @@ def triton_cross_entropy_backward_(
     )
 
 
+def _scale_saved_gradient(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """``grad *= grad_loss`` in place (0-dim, or one value per token), skipped when it is exactly 1
+    on a CPU tensor — the usual ``loss.backward()`` then makes no pass at all (no host sync on a GPU,
+    where the gradient is recomputed in backward by default instead)."""
+    if grad_loss.dim() == 0:
+        if not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
+            grad.mul_(grad_loss)
+    else:
+        grad.view(-1, grad.shape[-1]).mul_(grad_loss.reshape(-1, 1))
+    return grad
+
+
 def _setup_context(ctx, inputs, output):
     (
         logits,
@@ -935,7 +949,7 @@ def _backward(ctx, grad_loss, *unused):
     grad = ctx.grad_from_forward
     if grad is not None:
         ctx.grad_from_forward = None  # scaled in place: a second backward recomputes instead
-        scale_gradient_(grad, grad_loss)
+        _scale_saved_gradient(grad, grad_loss)
     else:
         grad = triton_cross_entropy_backward(grad_loss, logits, target, weight, m, log_s, denominator, *ctx.options)
     return (grad,) + (None,) * 11
