@@ -12,6 +12,18 @@ from .reference import explain
 
 __version__ = "0.1.0"
 
+# Submodules loaded on first use: `crossent.distributed` (torch.distributed) and
+# `crossent.transformers` (Hugging Face; transformers itself is imported only by its functions).
+_LAZY_SUBMODULES = ("distributed", "transformers")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
