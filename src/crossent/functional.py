@@ -391,18 +391,22 @@ def linear_cross_entropy(
         raise ValueError(f"shift={opts.shift} needs a target with a sequence dim (..., T), got {_shape(target)}")
     check_class_weight("class_weight", class_weight, V)
     device = check_devices(hidden=hidden, weight=weight, target=target, bias=bias, class_weight=class_weight)
-    if torch.is_autocast_enabled(device.type):
-        # as F.linear is cast under autocast: the three operands in the autocast dtype
+    autocast = torch.is_autocast_enabled(device.type)
+    if autocast:
+        # cast as autocast casts F.linear: every operand that is not float64 to the autocast dtype
         dtype = torch.get_autocast_dtype(device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    else:
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.dtype != hidden.dtype:
-                raise TypeError(
-                    f"hidden, weight and bias must share one dtype outside torch.autocast; got hidden "
-                    f"{hidden.dtype} and {name} {t.dtype}"
-                )
+
+        def cast(t):
+            return t.to(dtype) if t is not None and t.dtype != torch.float64 else t
+
+        hidden, weight, bias = cast(hidden), cast(weight), cast(bias)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            where = "after torch.autocast's casts" if autocast else "outside torch.autocast"
+            raise TypeError(
+                f"hidden, weight and bias must share one dtype ({where}); got hidden {hidden.dtype} and "
+                f"{name} {t.dtype}"
+            )
     backend = choose_impl(opts.impl, device)
     check_target_range(target, V, opts.ignore_index)
     aligned = shift_target(target, opts.shift, opts.ignore_index)

@@ -464,6 +464,7 @@ def _(
     need_w,
     need_b,
     want_aux,
+    eager,
 ):
     acc = accumulation_dtype(weight.dtype)
     N = hidden.shape[0]
@@ -593,6 +594,7 @@ def _setup_context(ctx, inputs, output):
     # (scaled in place, then let go; a second backward recomputes). Under torch.compile they are
     # saved and scaled out of place, which keeps the traced graph functional.
     ctx.grad_box = [grad_h, grad_w, grad_b] if in_forward and eager else []
+    ctx.eager_in_forward = in_forward and eager
     ctx.grads_saved = in_forward and not eager
     saved_grads = (grad_h, grad_w, grad_b) if ctx.grads_saved else ()
     ctx.save_for_backward(hidden, weight, bias, target, class_weight, m, log_s, *saved_grads)
@@ -610,6 +612,13 @@ def _backward(ctx, grad_loss, *unused):
         saved = ctx.saved_tensors
         if ctx.grads_saved:
             grads = [g * grad_loss if need else None for g, need in zip(saved[7:], ctx.need, strict=True)]
+        elif ctx.eager_in_forward:
+            # a second eager backward: the forward's own gradient path again, so that repeated
+            # backward passes agree bit for bit (gradcheck's reentrancy check)
+            grads = linear_cross_entropy_forward(*saved[:5], *ctx.options, False, True)[4:7]
+            grads = [
+                scale_saved_gradient(g, grad_loss) if need else None for g, need in zip(grads, ctx.need, strict=True)
+            ]
         else:
             grads = list(linear_cross_entropy_backward(grad_loss, *saved[:7], *ctx.options))
     grads = [grad if need else None for grad, need in zip(grads, ctx.need, strict=True)]
