@@ -10,6 +10,13 @@ from torch import Tensor
 class LossAux(NamedTuple):
     """The parts and statistics of one loss call; every field is detached.
 
+    With ``m = max_j z_j``, ``S = Σ_j exp(z_j - m)`` and ``p_j = exp(z_j - m) / S`` per token
+    (``z`` the scaled, capped logits): ``lse = m + log S``, ``entropy = -Σ_j p_j·log p_j =
+    log S - Σ_j p_j·(z_j - m)``, and ``ce + z_loss`` is the loss. Everything is computed in the
+    loss's own pass, without a host sync. :func:`crossent.linear_cross_entropy` (and the
+    vocabulary-parallel linear loss) report ``lse`` and ``entropy`` as 0 at ignored positions;
+    :func:`crossent.cross_entropy` reports them for every row.
+
     Fields:
         ce: the cross-entropy part, reduced like the loss.
         z_loss: the z-loss part ``c·w_y·lse²``, reduced like the loss (0 when ``z_loss=0``).
@@ -21,6 +28,15 @@ class LossAux(NamedTuple):
         weight_sum: ``Σ w_y`` over non-ignored tokens, the ``"mean"`` denominator; 0-dim float32.
         accuracy: fraction of non-ignored tokens whose argmax is the target (soft targets: the
             argmax of the target row); 0 when there are none. 0-dim float32.
+
+    Example:
+        >>> import torch, crossent
+        >>> logits = torch.tensor([[1.2, 3.1, 0.7, 2.4, 0.9], [0.5, 1.8, 2.9, 1.1, 0.3]])
+        >>> loss, aux = crossent.cross_entropy(logits, torch.tensor([1, -100]), z_loss=1e-4, return_aux=True)
+        >>> int(aux.n_tokens), aux.accuracy.item(), torch.allclose(aux.ce + aux.z_loss, loss)
+        (1, 1.0, True)
+        >>> aux.lse
+        tensor([3.7139, 3.4087])
     """
 
     ce: Tensor

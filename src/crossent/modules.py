@@ -11,9 +11,19 @@ from .options import LossOptions
 class CrossEntropyLoss(nn.Module):
     """:func:`crossent.cross_entropy` as a module: ``forward(logits, target)``.
 
-    The options are those of :func:`crossent.cross_entropy`, validated here once; class weights
-    (``weight=`` or ``class_weight=``) are registered as the buffer ``weight`` so that ``.to()``
-    moves them with the model.
+    Per token, ``ℓ = -(1-ε)·w_y·log p_y - (ε/V)·Σ_j w_j·log p_j + c·w_y·lse²`` with
+    ``log p_j = (z_j - m) - log S`` (soft targets: ``-Σ_j w_j·p'_j·log p_j + c·lse²``), reduced as
+    ``reduction`` says (DESIGN.md §1).
+
+    Args:
+        weight: (V,) floating class weights (``class_weight=`` is the same; give one of the two),
+            registered as the buffer ``weight`` so that ``.to()`` moves them with the model.
+        **options: the keyword options of :func:`crossent.cross_entropy` (``ignore_index``,
+            ``reduction``, ``label_smoothing``, ``z_loss``, ``softcap``, ``logit_scale``,
+            ``inplace_backward``, ``chunk_size``, ``return_aux``, ``impl``), validated here once.
+
+    ``forward(logits, target)``: logits (..., V) floating; target (...) integer class ids or
+    (..., V) probabilities. Returns what :func:`crossent.cross_entropy` returns.
 
     Example:
         >>> import torch, crossent
@@ -58,6 +68,18 @@ class CrossEntropyLoss(nn.Module):
 
 class LinearCrossEntropyLoss(nn.Module):
     """:func:`crossent.linear_cross_entropy` as a module: ``forward(hidden, weight, target, bias=None)``.
+
+    The loss of ``cross_entropy(hidden @ weight.T + bias, target)`` (DESIGN.md §1) computed
+    without holding the (N, V) logits.
+
+    Args:
+        class_weight: (V,) floating class weights, registered as a buffer.
+        **options: the keyword options of :func:`crossent.linear_cross_entropy` (``ignore_index``,
+            ``reduction``, ``label_smoothing``, ``z_loss``, ``softcap``, ``logit_scale``, ``shift``,
+            ``chunk_size``, ``schedule``, ``return_aux``, ``impl``), validated here once.
+
+    ``forward(hidden, weight, target, bias=None)``: hidden (..., D), weight (V, D), target (...)
+    integer class ids, bias (V,) or None, all floating tensors of one dtype.
 
     Example:
         >>> import torch, crossent
@@ -108,6 +130,17 @@ class LinearCrossEntropyHead(nn.Linear):
     wrappers (FSDP, DeepSpeed ZeRO-3) gather it through their hooks, and tying it to the input
     embedding (``head.weight = embedding.weight``) keeps working. The loss options are fixed at
     construction.
+
+    Args:
+        in_features: D, the size of the hidden states.
+        vocab_size: V, the number of classes (the weight is (V, D), as in ``nn.Linear``).
+        bias: whether the head has a (V,) bias.
+        device, dtype: as for ``nn.Linear``.
+        class_weight: (V,) floating class weights, registered as a buffer.
+        **options: the keyword options of :func:`crossent.linear_cross_entropy`.
+
+    ``forward(hidden, target=None)``: hidden (..., D); without ``target`` the logits (..., V);
+    with ``target`` (...) integer class ids, the loss (as :func:`crossent.linear_cross_entropy`).
 
     Example:
         >>> import torch, crossent

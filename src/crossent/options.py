@@ -39,7 +39,17 @@ def set_memory_budget(nbytes: int | None) -> int:
     and gradients (chunks of logits, their softmax, partial products). Automatic chunk sizes are
     derived from it and from shapes and dtypes alone, never from free memory, so a result is
     reproducible bit for bit. ``None`` restores :data:`DEFAULT_MEMORY_BUDGET` (128 MiB). However
-    small the budget, a loop still runs: one token (or one vocabulary row) per chunk.
+    small the budget, a loop still runs: one token (or one vocabulary row) per chunk. A chunk of
+    ``r`` rows that needs ``b`` float32 buffers of V values gets ``r = budget // (4·V·b)`` (at
+    least 1; some loops cap it further, see docs/guide.md §9); ``chunk_size=`` on a call
+    overrides it. Under ``torch.compile`` the budget is read when the graph is traced, and a
+    change recompiles.
+
+    Args:
+        nbytes: a positive int (bytes), or ``None`` for the default. Global to the process.
+
+    Returns:
+        The previous budget in bytes (an int).
 
     Example:
         >>> import crossent
@@ -58,7 +68,13 @@ def set_memory_budget(nbytes: int | None) -> int:
 
 
 def get_memory_budget() -> int:
-    """The current scratch-memory budget in bytes (see :func:`set_memory_budget`)."""
+    """The current scratch-memory budget in bytes (see :func:`set_memory_budget`).
+
+    Example:
+        >>> import crossent
+        >>> crossent.get_memory_budget() == crossent.DEFAULT_MEMORY_BUDGET == 128 * 2**20
+        True
+    """
     return _memory_budget
 
 
@@ -105,7 +121,20 @@ def _choice(name: str, value, choices: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Every option of DESIGN.md §1, validated on construction (see ``ARGUMENT_DOCS``)."""
+    """Every option of DESIGN.md §1, validated on construction (see ``ARGUMENT_DOCS``).
+
+    Values are normalised once (``shift=True`` becomes 1, numbers become floats); a bad value
+    raises a ``ValueError`` or ``TypeError`` naming the option, the expected form and the value.
+
+    Example:
+        >>> from crossent.options import LossOptions
+        >>> LossOptions(z_loss=1e-4, shift=True).shift
+        1
+        >>> LossOptions(label_smoothing=1.5)
+        Traceback (most recent call last):
+          ...
+        ValueError: label_smoothing must be a float in [0, 1], got 1.5
+    """
 
     ignore_index: int = -100
     reduction: str = "mean"
@@ -173,17 +202,20 @@ ARGUMENT_DOCS: dict[str, str] = {
     "ignore_index": "target id whose tokens contribute 0 and get a zero gradient (default -100). "
     "It may equal a real class id.",
     "reduction": '``"mean"`` (Σℓ / Σ w_y over kept tokens, or Σℓ / N for soft targets; exactly 0 '
-    'when that is 0), ``"sum"`` or ``"none"`` (per token, the target\'s shape).',
+    'when that is 0), ``"sum"`` or ``"none"`` (per token: the shape of a hard target, the logits\' '
+    "leading dims for soft targets).",
     "label_smoothing": "ε in [0, 1]: PyTorch's smoothing, ε/V spread over all V classes.",
-    "z_loss": "c >= 0: adds c·w_y·lse² per token (PaLM uses 1e-4); 0 computes nothing.",
+    "z_loss": "c >= 0: adds c·w_y·lse² per token (c·lse² for soft targets; PaLM uses 1e-4); 0 computes nothing.",
     "softcap": "k > 0 or None: logits become k·tanh(z/k) after scaling (Gemma 2 uses 30).",
     "logit_scale": "s, finite and non-zero: logits are multiplied by s first (Granite: 1/8).",
     "chunk_size": "rows per chunk; ``None`` derives it from the memory budget (:func:`crossent.set_memory_budget`).",
     "return_aux": "``True`` returns ``(loss, LossAux)``: the parts, per-token lse and entropy, "
     "counts and accuracy, all detached.",
-    "impl": '``"auto"`` (Triton for CUDA tensors when it is installed, else PyTorch), ``"torch"`` or ``"triton"``.',
+    "impl": '``"auto"`` (Triton for CUDA tensors when it is installed, else PyTorch), ``"torch"`` or ``"triton"``; '
+    "float64 inputs always run the PyTorch backend.",
     "inplace_backward": "``True`` lets backward write the gradient into ``logits``' own storage, "
-    "which the call then consumes: do not read ``logits`` after backward.",
+    "which the call then consumes: do not read ``logits`` after backward (eager mode; under "
+    "``torch.compile`` the gradient is a fresh tensor).",
     "shift": "int >= 0 (``True`` == 1): position t of ``hidden`` predicts ``target[..., t+shift]``, "
     'as Hugging Face shifts causal-LM labels; ``"none"`` returns the unshifted shape with the last '
     "``shift`` positions 0.",

@@ -63,8 +63,22 @@ def cross_entropy(
 ):
     """DESIGN.md §1 in float64 for logits (..., V) and a hard (...) or soft (..., V) target.
 
+    ``z = s·x`` (then ``k·tanh(z/k)``), ``log p = (z - m) - log S``, and per token
+    ``ℓ = -(1-ε)·w_y·log p_y - (ε/V)·Σ_j w_j·log p_j + c·w_y·lse²`` (hard) or
+    ``ℓ = -Σ_j w_j·p'_j·log p_j + c·lse²`` with ``p' = (1-ε)·p + ε/V`` (soft), reduced by
+    ``reduction`` ("mean": Σℓ / Σ w_y, exactly 0 when that is 0). Arguments are those of
+    :func:`crossent.cross_entropy` (any dtype in; every intermediate float64). An id outside
+    ``[0, V)`` that is not ``ignore_index`` raises ``IndexError``.
+
     Returns the float64 loss (reduced as ``reduction`` says), and with ``return_aux=True`` also a
     :class:`LossAux` of float64 fields (``n_tokens`` int64).
+
+    Example:
+        >>> import torch
+        >>> from crossent import reference
+        >>> logits = torch.tensor([[1.2, 3.1, 0.7, 2.4, 0.9], [0.5, 1.8, 2.9, 1.1, 0.3]])
+        >>> reference.cross_entropy(logits, torch.tensor([1, 2]), reduction="none")
+        tensor([0.6139, 0.5087], dtype=torch.float64)
     """
     V = logits.shape[-1]
     eps, c = float(label_smoothing), float(z_loss)
@@ -152,6 +166,13 @@ def linear_cross_entropy(
 
     Position t of ``hidden`` (..., T, D) predicts ``target[..., t + shift]``; with
     ``reduction="none"`` the result has the target's shape and its last ``shift`` positions are 0.
+
+    Example:
+        >>> import torch
+        >>> from crossent import reference
+        >>> hidden, weight, labels = torch.randn(1, 4, 3), torch.randn(7, 3), torch.tensor([[1, 2, 3, 4]])
+        >>> reference.linear_cross_entropy(hidden, weight, labels, shift=1, reduction="none")[0, -1]
+        tensor(0., dtype=torch.float64)
     """
     logits = hidden.to(f64) @ weight.to(f64).T
     if bias is not None:
@@ -244,11 +265,26 @@ class Explanation:
 def explain(logits: Tensor, target: Tensor) -> Explanation:
     """Trace the stable cross entropy of ``logits`` (N, V) against class ids ``target`` (N,).
 
+    Per token, in float64: ``M = max_j x_j``, ``S = Σ_j exp(x_j - M)`` (in ``[1, V]``: every
+    exponent is <= 0 and one is 0), and ``loss = -((x_t - M) - log S)``; then their mean, beside
+    ``F.cross_entropy`` on the same input. ``print(trace)`` shows every step (what
+    ``crossent explain`` prints); docs/math.md §1 walks through the seed's example.
+
+    Args:
+        logits: (N, V) scores, any real dtype (converted to float64); no options apply.
+        target: (N,) integer class ids in ``[0, V)`` (there is no ``ignore_index`` here).
+
+    Returns:
+        An :class:`Explanation`: ``row_max``, ``shifted``, ``exp``, ``row_sums``,
+        ``log_sum_exp``, ``target_shifted``, ``losses``, ``mean`` and ``torch_loss``, all float64.
+
     Example:
         >>> import torch, crossent
         >>> trace = crossent.explain(torch.tensor([[1.2, 3.1, 0.7]]), torch.tensor([1]))
-        >>> round(float(trace.mean), 4)
-        0.2491
+        >>> trace.row_max, trace.row_sums
+        (tensor([3.1000], dtype=torch.float64), tensor([1.2403], dtype=torch.float64))
+        >>> round(float(trace.mean), 4), round(float(trace.torch_loss), 4)
+        (0.2153, 0.2153)
     """
     x = torch.as_tensor(logits, dtype=f64)
     t = torch.as_tensor(target, dtype=torch.long)

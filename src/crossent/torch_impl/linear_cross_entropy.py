@@ -103,12 +103,25 @@ class _Problem:
         self.rows = None  # indices of the kept tokens when the others are dropped
         if self.device.type == "cpu" and not bool(terms.keep.all()):
             self.rows = terms.keep.nonzero().squeeze(-1)  # CPU: a host read costs nothing
-            hidden = hidden.index_select(0, self.rows)
             terms.y, terms.w_y, terms.keep = terms.y[self.rows], terms.w_y[self.rows], terms.keep[self.rows]
         self.terms = terms
-        self.h = hidden.to(acc)
-        self.weight, self.bias = weight, bias
-        self.n = self.h.shape[0]  # tokens that go through the products
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.n = self.N if self.rows is None else self.rows.shape[0]  # tokens that go through the products
+        self._h_all = None
+
+    def h_rows(self, lo: int, hi: int) -> Tensor:
+        """Kept tokens ``[lo, hi)`` of ``hidden`` in the accumulation dtype (a view when possible):
+        a token loop converts one chunk at a time."""
+        h = self.hidden[lo:hi] if self.rows is None else self.hidden.index_select(0, self.rows[lo:hi])
+        return h.to(self.acc)
+
+    @property
+    def h_all(self) -> Tensor:
+        """All kept tokens in the accumulation dtype (the vocabulary loop multiplies them by every
+        chunk): one (n, D) copy for 16-bit inputs or dropped tokens, else a view."""
+        if self._h_all is None:
+            self._h_all = self.h_rows(0, self.n)
+        return self._h_all
 
     def weight_slice(self, lo: int, hi: int) -> Tensor:
         return self.weight[lo:hi].to(self.acc)
@@ -139,14 +152,22 @@ class _Problem:
 
 
 class _Gradients:
-    """Where the gradients go. ``"token"`` accumulates the classifier gradient over token chunks:
-    in place for a weight in the accumulation dtype, else in a float32 accumulator. ``"vocab"``
-    writes each chunk's rows once, straight into a gradient of the weight's own dtype."""
+    """Where the gradients go. ``"token"`` writes ``∂hidden`` chunk by chunk straight into the
+    output and accumulates the classifier gradient over token chunks: in place for a weight in the
+    accumulation dtype, else in a float32 accumulator. ``"vocab"`` accumulates ``∂hidden`` over
+    vocabulary chunks in float32 and writes each chunk's classifier rows once, straight into a
+    gradient of the weight's own dtype."""
 
     def __init__(self, p: _Problem, need_h: bool, need_w: bool, need_b: bool, schedule: str):
         acc, dev = p.acc, p.device
-        self.p = p
-        self.h = torch.zeros((p.n, p.D), dtype=acc, device=dev) if need_h else None
+        self.p, self.schedule = p, schedule
+        if not need_h:
+            self.h = None
+        elif schedule == "token":  # the output itself; dropped tokens keep a zero gradient
+            make = torch.zeros if p.rows is not None else torch.empty
+            self.h = make((p.N, p.D), dtype=p.hidden.dtype, device=dev)
+        else:
+            self.h = torch.zeros((p.n, p.D), dtype=acc, device=dev)
         if not need_w:
             self.w = None
         elif schedule == "token":
@@ -155,17 +176,21 @@ class _Gradients:
             self.w = torch.empty((p.V, p.D), dtype=p.weight.dtype, device=dev)
         self.b = torch.zeros(p.V, dtype=acc, device=dev) if need_b else None
 
+    def put_h(self, lo: int, hi: int, value: Tensor) -> None:
+        """Token loop: the gradient of kept tokens ``[lo, hi)``."""
+        if self.p.rows is None:
+            self.h[lo:hi] = value
+        else:
+            self.h.index_copy_(0, self.p.rows[lo:hi], value.to(self.h.dtype))
+
     def outputs(self, hidden_dtype, weight_dtype, bias_dtype):
         p = self.p
 
         def out(t, dtype):
             return t.to(dtype) if t is not None else torch.empty(0, dtype=dtype, device=p.device)
 
-        return (
-            out(p.scatter(self.h) if self.h is not None else None, hidden_dtype),
-            out(self.w, weight_dtype),
-            out(self.b, bias_dtype),
-        )
+        grad_h = self.h if self.schedule == "token" or self.h is None else p.scatter(self.h)
+        return out(grad_h, hidden_dtype), out(self.w, weight_dtype), out(self.b, bias_dtype)
 
 
 def _token_forward(p: _Problem, g: Tensor | None, grads: _Gradients | None, chunk: int, want_aux: bool):
@@ -180,7 +205,7 @@ def _token_forward(p: _Problem, g: Tensor | None, grads: _Gradients | None, chun
     w_acc = p.weight_slice(0, V)  # a view for a weight already in the accumulation dtype
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
-        h = p.h[lo:hi]
+        h = p.h_rows(lo, hi)
         z = p.scores(h, 0, V, z_full[: hi - lo], w_acc)
         forward_rows(
             z,
@@ -210,7 +235,7 @@ def _rows_result(p: _Problem, stats, want_aux: bool):
 
 def _accumulate_token_chunk(grads: _Gradients, dz: Tensor, h: Tensor, w_acc: Tensor, lo: int, hi: int) -> None:
     if grads.h is not None:
-        torch.mm(dz, w_acc, out=grads.h[lo:hi])
+        grads.put_h(lo, hi, dz @ w_acc)
     if grads.w is not None:
         grads.w.addmm_(dz.T, h)
     if grads.b is not None:
@@ -228,7 +253,7 @@ def _vocab_forward(p: _Problem, chunk: int, want_aux: bool):
     for lo in range(0, V, cols):
         hi = min(V, lo + cols)
         z = z_full[:, : hi - lo] if hi - lo < cols else z_full
-        p.scores(p.h, lo, hi, z)
+        p.scores(p.h_all, lo, hi, z)
         scores_into(z, z, opts, None)  # the scale and the soft cap
         stats.update(z, lo, p.cw[lo:hi] if p.cw is not None else None, scratch[:, : hi - lo] if want_aux else None)
     return _rows_result(p, stats.finish(V, t.w_y, t.keep), want_aux)
@@ -245,7 +270,8 @@ def _gradient_pass(p: _Problem, schedule: str, chunk: int, m: Tensor, log_s: Ten
         w_acc = p.weight_slice(0, V)
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
-            z = p.scores(p.h[lo:hi], 0, V, z_full[: hi - lo], w_acc)
+            h = p.h_rows(lo, hi)
+            z = p.scores(h, 0, V, z_full[: hi - lo], w_acc)
             backward_rows(
                 z,
                 z,
@@ -260,7 +286,7 @@ def _gradient_pass(p: _Problem, schedule: str, chunk: int, m: Tensor, log_s: Ten
                 w_y=t.w_y[lo:hi],
                 scratch=[b[: hi - lo] for b in scratch_full],
             )
-            _accumulate_token_chunk(grads, z, p.h[lo:hi], w_acc, lo, hi)
+            _accumulate_token_chunk(grads, z, h, w_acc, lo, hi)
         return
     cols = max(1, min(chunk, V))
     z_full = torch.empty((n, cols), dtype=acc, device=p.device)
@@ -270,7 +296,7 @@ def _gradient_pass(p: _Problem, schedule: str, chunk: int, m: Tensor, log_s: Ten
         w = hi - lo
         z = z_full[:, :w] if w < cols else z_full
         w_acc = p.weight_slice(lo, hi)
-        p.scores(p.h, lo, hi, z, w_acc)
+        p.scores(p.h_all, lo, hi, z, w_acc)
         backward_rows(
             z,
             z,
@@ -289,9 +315,9 @@ def _gradient_pass(p: _Problem, schedule: str, chunk: int, m: Tensor, log_s: Ten
         )
         if grads.w is not None:  # this chunk's rows, accumulated in the product, rounded once
             if grads.w.dtype == acc:
-                torch.mm(z.T, p.h, out=grads.w[lo:hi])
+                torch.mm(z.T, p.h_all, out=grads.w[lo:hi])
             else:
-                grads.w[lo:hi] = torch.mm(z.T, p.h)
+                grads.w[lo:hi] = torch.mm(z.T, p.h_all)
         if grads.b is not None:
             grads.b[lo:hi] = z.sum(0)
         if grads.h is not None:

@@ -260,8 +260,9 @@ def forward_rows(
     chain = scratch.pop() if (grad is not None and opts.softcap is not None) else None
     q = _soft_weights(soft, weight, opts, scratch.pop()) if soft is not None else None
 
-    if opts.logit_scale == 1.0 and opts.softcap is None:
-        # z = x: the maximum is taken on the input and the shift fused with the conversion
+    if opts.logit_scale == 1.0 and opts.softcap is None and x.stride(-1) == 1:
+        # z = x: the maximum is taken on the input and the shift fused with the conversion (a
+        # strided class dim is instead read once, by the copy of scores_into)
         m = x.amax(-1).to(z.dtype)
         torch.sub(x, m.unsqueeze(-1), out=z)  # z_j - m: every exponent <= 0, one is exactly 0
     else:
