@@ -6,5 +6,6 @@ never imports Triton.
 """
 
 from .cross_entropy import cross_entropy_op
+from .linear_cross_entropy import linear_cross_entropy_op
 
-__all__ = ["cross_entropy_op"]
+__all__ = ["cross_entropy_op", "linear_cross_entropy_op"]

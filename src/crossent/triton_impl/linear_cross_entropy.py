@@ -1,0 +1,981 @@
+"""linear_cross_entropy on a GPU: cuBLAS products plus Triton row kernels, registered as
+``torch.library`` custom ops.
+
+``cross_entropy(hidden @ weight.T + bias)`` without ever holding the (N, V) logits, in the four
+layers of every op file of crossent:
+
+1. the ``@triton.jit`` kernels. A token chunk (r, V) of logits is exactly a cross_entropy
+   problem, so the token schedule launches ``cross_entropy._forward_kernel`` on it (the loss,
+   ``(m, log S)``, ``return_aux``'s columns and, when wanted, the gradient written over the
+   logits in place). A vocabulary chunk (N, w) needs two kernels of its own, built from the same
+   ``@triton.jit`` pieces: :func:`_block_stats_kernel` merges the block into every token's running
+   statistics (DESIGN.md §1's online ``(m, S)`` merge, with the smoothing sum, the target's score,
+   the entropy sum and the argmax), and :func:`_block_gradient_kernel` writes ``g·∂ℓ/∂x`` of any
+   block — a whole row being the block ``col0 = 0, w = V`` — from the saved pair;
+2. the two loops of DESIGN.md §4 around cuBLAS products (:func:`_token_pass`,
+   :func:`_vocab_stats_pass`, :func:`_vocab_gradient_pass`);
+3. the custom ops ``crossent::triton_linear_cross_entropy_forward`` / ``..._backward`` with fake
+   implementations and the autograd registration of the PyTorch backend (same semantics);
+4. :func:`linear_cross_entropy_op`, which ``crossent.functional`` calls.
+
+Products and dtypes (DESIGN.md §4). Every product runs on cuBLAS in the input dtype; float32
+accumulation is cuBLAS's own inside one product, and across chunks a float32 buffer:
+
+* logits: ``addmm(b, h, Wᵀ)`` in the input dtype (as ``F.linear`` rounds them), into one reused
+  chunk buffer; the row kernels convert to float32 right after loading;
+* ``∂ℓ/∂z`` of a chunk: written by the kernel over that buffer, in the input dtype, at *unit
+  scale* (the per-token derivative, ``g = 1``): the "mean" factor ``1/Σw_y`` is applied to the
+  float32 results instead, so a float16 chunk does not flush ``softmax_j / (N·V)``-sized values
+  to zero;
+* products whose result is accumulated over chunks (``∂W`` in "token", ``∂hidden`` in "vocab"):
+  ``torch.addmm(acc, a, b, torch.float32, out=acc)`` — 16-bit operands, float32 accumulator, one
+  cuBLAS call (PyTorch ≥ 2.8 on CUDA; else float32 operands a chunk at a time, see
+  :func:`_addmm_f32_`). The classifier gradient of "token" is therefore exact to float32 over all
+  tokens (a float32 accumulator: 2×|W| for a 16-bit weight);
+* products written once (``∂hidden`` rows in "token", ``∂W`` rows in "vocab"): a float32-output
+  product (``torch.mm(a, b, out_dtype=torch.float32)``), times the reduction's factor, rounded
+  once into the gradient's own dtype; without the factor ("sum", or a recomputed gradient that
+  already carries it) straight into the gradient with ``torch.mm(out=...)``.
+
+On the CPU (the Triton interpreter, which the tests use) the same code runs; the products are
+PyTorch's CPU ones in the input dtype, and the two float32-output forms are emulated by float32
+operands (a 16-bit product is exact in float32, so only the summation order differs).
+
+Where the gradients are computed: during the forward whenever they are needed and the loss is
+reduced ("mean", "sum"), as the PyTorch backend does — on a GPU too, since recomputing in backward
+would cost a fourth (token) or fifth (vocab) product, while the upstream gradient is then applied
+by scaling (N + V)·D values. With ``reduction="none"`` backward recomputes them with the per-token
+upstream gradient folded into ``∂ℓ/∂z``. A second backward through a retained graph recomputes.
+
+Ignored tokens: no host sync (no ``nonzero()``), so they go through the products; the kernels read
+none of their logits and write zero gradient rows, so they add nothing to ``∂W``. Out-of-range
+target ids give a NaN loss and gradient row for that token and are never used as an address.
+Float64 inputs go to the PyTorch backend (a Triton kernel's float arguments are float32).
+
+A fused tile kernel that never writes logits to memory is not provided: the cuBLAS + row-kernel
+design is provably correct here, and whether fusion pays can only be measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..options import rows_per_chunk
+from ..torch_impl import linear_cross_entropy as torch_backend
+from ..torch_impl.cross_entropy import scale_saved_gradient
+from ..torch_impl.rows import RowOptions, RowSums, finish_rows, reduce, reduction_scale, target_terms
+from .cross_entropy import (
+    AUX_COLUMNS,
+    _class_weights,
+    _forward_kernel,
+    _gradient_row,
+    _hard_rows,
+    _num_warps,
+    _offsets,
+    _scalars,
+    _scores,
+    _target_of_row,
+    block_size,
+)
+
+#: Most tokens per chunk of the "token" schedule (the memory budget usually binds first).
+MAX_TOKEN_ROWS = 8192
+
+#: Columns of the running state of the "vocab" schedule: m, S, Σe(z-m), Σw(z-m), Σw, z_y.
+STATE_COLUMNS = 6
+
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Kernels (the token schedule uses cross_entropy._forward_kernel as it is)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_stats_kernel(
+    x_ptr,
+    x_rs,
+    x_cs,
+    t_ptr,
+    t_rs,
+    w_ptr,
+    st_ptr,
+    best_ptr,
+    col0,
+    width,
+    V,
+    ignore_index,
+    one_minus_eps,
+    eps_over_v,
+    c,
+    k,
+    s,
+    BLOCK_V: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_AUX: tl.constexpr,
+    X_UNIT: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+):
+    """One program per token: merge the columns ``[col0, col0 + width)`` (the block ``x``) into
+    the token's running state ``st`` (STATE_COLUMNS float32 values) and argmax ``best``.
+
+    The state is relative to the running maximum ``m`` (its base: ``m``, or 0 while it is
+    -inf) and re-based exactly when ``m`` grows, as in ``cross_entropy._forward_kernel``; an
+    ignored token reads nothing unless its lse and entropy are reported (``WANT_AUX``).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_rs
+    lanes = tl.arange(0, BLOCK_V)
+    y, keep, _w_y = _target_of_row(t_ptr + row * t_rs, w_ptr, V, ignore_index, False, HAS_WEIGHT)
+    st = st_ptr + row * 6
+    m = tl.load(st)
+    sum_e = tl.load(st + 1)  # S = Σ exp(z_j - base)
+    sum_ez = tl.load(st + 2)  # Σ exp(z_j - base)·(z_j - base)   (entropy)
+    sum_wz = tl.load(st + 3)  # Σ w_j (z_j - base)               (smoothing)
+    sum_w = tl.load(st + 4)  # Σ w_j over the columns seen so far
+    z_y = tl.load(st + 5)  # the target's score, once its block was seen
+    base = tl.where(m == _NEG_INF, 0.0, m)
+    if WANT_AUX:
+        best_i = tl.load(best_ptr + row)
+        n_cols = width
+    else:
+        n_cols = tl.where(keep, width, 0)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + lanes
+        mask = cols < width
+        x = tl.load(x_row + _offsets(cols, x_cs, X_UNIT), mask=mask, other=0.0)
+        z, _t = _scores(x, s, k, HAS_SCALE, HAS_SOFTCAP, LIBDEVICE)
+        z = tl.where(mask, z, _NEG_INF)
+        m_blk = tl.max(z, 0)
+        if WANT_AUX:
+            best_i = tl.where(m_blk > m, (col0 + start + tl.argmax(z, 0)).to(tl.int32), best_i)  # first on ties
+        m_new = tl.maximum(m, m_blk)
+        base_new = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        shift = base - base_new  # <= 0 once a finite value was seen
+        alpha = tl.where(sum_e == 0.0, 0.0, tl.exp(tl.minimum(shift, 0.0)))
+        zs = z - base_new
+        e = tl.exp(zs)  # masked lanes: exp(-inf) = 0
+        if WANT_AUX:
+            sum_ez = alpha * (sum_ez + shift * sum_e) + tl.sum(e * tl.where(e > 0.0, zs, 0.0), 0)
+        sum_e = alpha * sum_e + tl.sum(e, 0)
+        if HAS_SMOOTH:
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + col0 + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                w = tl.where(mask, 1.0, 0.0)
+            sum_wz = sum_wz + shift * sum_w + tl.sum(w * tl.where(mask, zs, 0.0), 0)
+            sum_w = sum_w + tl.sum(w, 0)
+        m = m_new
+        base = base_new
+    # the target's score, when it lies in this block (an out-of-range id reads class 0)
+    inside = keep & (y >= col0) & (y < col0 + width)
+    local = tl.where(inside, y - col0, 0)
+    x_y = tl.load(x_row + local * x_cs, mask=inside, other=0.0)
+    zy_new, _ty = _scores(x_y, s, k, HAS_SCALE, HAS_SOFTCAP, LIBDEVICE)
+    z_y = tl.where(inside, zy_new, z_y)
+    tl.store(st, m)
+    tl.store(st + 1, sum_e)
+    tl.store(st + 2, sum_ez)
+    tl.store(st + 3, sum_wz)
+    tl.store(st + 4, sum_w)
+    tl.store(st + 5, z_y)
+    if WANT_AUX:
+        tl.store(best_ptr + row, best_i)
+
+
+@triton.jit
+def _block_gradient_kernel(
+    x_ptr,
+    x_rs,
+    x_cs,
+    gx_ptr,
+    gx_rs,
+    gx_cs,
+    t_ptr,
+    t_rs,
+    w_ptr,
+    w_sum_ptr,
+    m_ptr,
+    log_s_ptr,
+    g_ptr,
+    g_stride,
+    col0,
+    width,
+    V,
+    ignore_index,
+    one_minus_eps,
+    eps_over_v,
+    c,
+    k,
+    s,
+    BLOCK_V: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    X_UNIT: tl.constexpr,
+    G_UNIT: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+):
+    """One program per token: ``g·∂ℓ/∂x`` of the columns ``[col0, col0 + width)`` of a row of V
+    classes (hard target), from the saved ``(m, log S)``; ``gx`` may be ``x`` (in place).
+
+    ``∂ℓ/∂z_j = softmax_j·coef - (1-ε)·w_y·[j=y] - (ε/V)·w_j`` with
+    ``coef = (1-ε)w_y + (ε/V)Σw + 2c·w_y·lse``: the row part of ``cross_entropy._gradient_row``
+    applied to the block, with the target and the class weights shifted by ``col0``.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    t_row = t_ptr + row * t_rs
+    y, keep, w_y = _target_of_row(t_row, w_ptr, V, ignore_index, False, HAS_WEIGHT)
+    m = tl.load(m_ptr + row).to(tl.float32)
+    base = tl.where(m == _NEG_INF, 0.0, m)
+    log_s = tl.load(log_s_ptr + row).to(tl.float32)
+    lse = base + log_s
+    g = tl.load(g_ptr + row * g_stride).to(tl.float32)
+    coef = one_minus_eps * w_y
+    if HAS_SMOOTH:
+        if HAS_WEIGHT:
+            w_sum = tl.load(w_sum_ptr).to(tl.float32)
+        else:
+            w_sum = V * 1.0
+        coef = coef + eps_over_v * w_sum
+    if HAS_ZLOSS:
+        coef = coef + 2.0 * c * w_y * lse
+    _gradient_row(
+        x_ptr + row * x_rs,
+        x_cs,
+        gx_ptr + row * gx_rs,
+        gx_cs,
+        t_row,
+        1,
+        w_ptr + col0,
+        width,
+        y - col0,
+        keep,
+        base,
+        log_s,
+        g,
+        coef,
+        w_y,
+        one_minus_eps,
+        eps_over_v,
+        k,
+        s,
+        BLOCK_V,
+        False,
+        HAS_WEIGHT,
+        HAS_SMOOTH,
+        HAS_SCALE,
+        HAS_SOFTCAP,
+        X_UNIT,
+        True,
+        G_UNIT,
+        LIBDEVICE,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Products and the two loops
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _mixed_products(device_type: str) -> bool:
+    """Whether ``addmm`` / ``mm`` take 16-bit operands with a float32 result on this device
+    (CUDA, PyTorch >= 2.8): probed once per process by a tiny call (no host sync)."""
+    if device_type != "cuda":
+        return False
+    try:
+        a = torch.zeros((2, 2), dtype=torch.bfloat16, device=device_type)
+        acc = torch.zeros((2, 2), dtype=torch.float32, device=device_type)
+        torch.addmm(acc, a, a, torch.float32, out=acc)
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` accumulated and returned in float32, whatever the operands' dtype."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if _mixed_products(a.device.type):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` into a float32 accumulator: one cuBLAS call with 16-bit operands where
+    the device has it, else float32 operands (converted a chunk at a time)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _mixed_products(a.device.type):
+        torch.addmm(acc, a, b, acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _rows_into(out: Tensor, a: Tensor, b: Tensor, scale: Tensor | None) -> None:
+    """``out = scale·(a @ b)`` rounded once into ``out``'s dtype (no scale: straight into it)."""
+    if scale is None:
+        torch.mm(a, b, out=out)
+    elif out.dtype == torch.float32:
+        torch.mm(a, b, out=out).mul_(scale)
+    else:
+        torch.mul(_mm_f32(a, b), scale, out=out)
+
+
+def _round_chunk(n: int) -> int:
+    """Chunks of 128 or more rows are cut to a multiple of 64 (whole GEMM tiles)."""
+    return n - n % 64 if n >= 128 else n
+
+
+class _Problem:
+    """One call's flattened inputs and what every pass shares (no host sync anywhere)."""
+
+    def __init__(self, hidden, weight, bias, target, class_weight, ignore_index, reduction, opts: RowOptions):
+        self.h, self.weight, self.bias = hidden, weight, bias
+        self.N, self.D = hidden.shape
+        self.V = weight.shape[0]
+        self.dtype, self.device = hidden.dtype, hidden.device
+        self.reduction, self.opts = reduction, opts
+        self.t = _hard_rows(target)
+        self.one = torch.ones((), dtype=torch.float32, device=self.device)
+        self.cw, self.cw_sum, self.has_weight = _class_weights(class_weight, self.one)
+        cw = self.cw if self.has_weight else None
+        self.terms = target_terms(self.t, cw, self.V, ignore_index, torch.float32)
+        self.denominator = self.terms.denominator
+        self.w_sum = self.cw_sum if self.has_weight else torch.full((), float(self.V), device=self.device)
+        self.scalars, self.flags = _scalars(
+            self.V, ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, opts.logit_scale
+        )
+
+    def logits(self, h: Tensor, lo: int, hi: int, out: Tensor) -> Tensor:
+        """``out = h @ W[lo:hi]ᵀ + b[lo:hi]`` in the input dtype (cuBLAS)."""
+        w = self.weight[lo:hi]
+        if self.bias is not None:
+            return torch.addmm(self.bias[lo:hi], h, w.T, out=out)
+        return torch.mm(h, w.T, out=out)
+
+    def forward_scale(self) -> Tensor | None:
+        """The factor that turns unit-scale gradients into the reduced loss's (None: 1)."""
+        if self.reduction == "sum":
+            return None
+        return reduction_scale(self.reduction, self.denominator)
+
+    def row_factors(self, grad_loss: Tensor) -> Tensor:
+        """``∂loss/∂ℓ_i · upstream`` for a recomputed gradient: 0-dim, or (N,) for "none"."""
+        g = reduction_scale(self.reduction, self.denominator) * grad_loss.to(torch.float32)
+        return g.reshape(-1).contiguous() if g.dim() else g
+
+
+class _Gradients:
+    """Where the gradients go. A product written once per chunk goes straight into a gradient of
+    the input's dtype, scaled as it is written; one accumulated over chunks (and the bias
+    gradient) goes into a float32 buffer at unit scale, scaled and rounded once at the end
+    (:meth:`outputs`). ``scale`` is the reduction's factor (None: 1)."""
+
+    def __init__(self, p: _Problem, need_h: bool, need_w: bool, need_b: bool, schedule: str, scale):
+        f32, dev = torch.float32, p.device
+        self.p, self.scale = p, scale
+        token = schedule == "token"
+        self.h = torch.empty((p.N, p.D), dtype=p.dtype if token else f32, device=dev) if need_h else None
+        self.w = torch.empty((p.V, p.D), dtype=f32 if token else p.dtype, device=dev) if need_w else None
+        if self.h is not None and not token:
+            self.h.zero_()
+        if self.w is not None and token:
+            self.w.zero_()
+        self.b = torch.zeros(p.V, dtype=f32, device=dev) if need_b else None
+        self.accumulated = {"h": not token, "w": token, "b": True}
+
+    def token_chunk(self, dz: Tensor, h: Tensor, lo: int, hi: int) -> None:
+        """The gradients of a token chunk from its ``∂ℓ/∂x`` rows ``dz`` (r, V)."""
+        if self.h is not None:
+            _rows_into(self.h[lo:hi], dz, self.p.weight, self.scale)
+        if self.w is not None:
+            _addmm_f32_(self.w, dz.T, h)
+        if self.b is not None:
+            self.b += dz.sum(0, dtype=torch.float32)
+
+    def vocab_chunk(self, dz: Tensor, lo: int, hi: int) -> None:
+        """The gradients of a vocabulary chunk from its ``∂ℓ/∂x`` columns ``dz`` (N, w)."""
+        p = self.p
+        if self.w is not None:
+            _rows_into(self.w[lo:hi], dz.T, p.h, self.scale)
+        if self.b is not None:
+            torch.sum(dz, 0, dtype=torch.float32, out=self.b[lo:hi])
+        if self.h is not None:
+            _addmm_f32_(self.h, dz, p.weight[lo:hi])
+
+    def outputs(self, bias_dtype):
+        """(grad_h, grad_w, grad_b) in their dtypes; distinct empty placeholders for the ones not
+        wanted (outputs of a custom op may not alias)."""
+        p = self.p
+
+        def finish(name: str, dtype) -> Tensor:
+            t = getattr(self, name)
+            if t is None:
+                return torch.empty(0, dtype=dtype, device=p.device)
+            if not self.accumulated[name]:
+                return t  # written once per chunk, scaled already
+            if self.scale is None:
+                return t.to(dtype)
+            if dtype == t.dtype:
+                return t.mul_(self.scale)
+            return torch.mul(t, self.scale, out=torch.empty(t.shape, dtype=dtype, device=p.device))
+
+        return finish("h", p.dtype), finish("w", p.dtype), finish("b", bias_dtype)
+
+
+def _item(p: _Problem) -> int:
+    return torch.empty((), dtype=p.dtype).element_size()
+
+
+def _token_rows(p: _Problem, chunk_size: int) -> int:
+    """Tokens per chunk: the (r, V) logits buffer (input dtype) and the float32 rows of one
+    ``∂hidden`` product fit the memory budget."""
+    if chunk_size > 0:
+        return chunk_size
+    return _round_chunk(rows_per_chunk(p.V * _item(p) + 4 * p.D, cap=MAX_TOKEN_ROWS))
+
+
+def _vocab_cols(p: _Problem, chunk_size: int) -> int:
+    """Vocabulary rows per chunk: the (N, w) logits buffer and the float32 rows of one ``∂W``
+    product fit the memory budget."""
+    if chunk_size > 0:
+        return chunk_size
+    return _round_chunk(rows_per_chunk(max(1, p.N) * _item(p) + 4 * p.D))
+
+
+def _launch_gradient(p: _Problem, z: Tensor, lo: int, hi: int, col0: int, m, log_s, g, block: int) -> None:
+    """``g·∂ℓ/∂x`` of the block ``z`` (tokens ``[lo, hi)``, columns from ``col0``), over ``z``."""
+    r, width = z.shape
+    per_row = g.dim() != 0
+    _block_gradient_kernel[(r,)](
+        z,
+        z.stride(0),
+        z.stride(1),
+        z,
+        z.stride(0),
+        z.stride(1),
+        p.t[lo:],
+        p.t.stride(0),
+        p.cw,
+        p.cw_sum,
+        m[lo:],
+        log_s[lo:],
+        g[lo:] if per_row else g,
+        1 if per_row else 0,
+        col0,
+        width,
+        **p.scalars,
+        BLOCK_V=block,
+        HAS_WEIGHT=p.has_weight,
+        X_UNIT=True,
+        G_UNIT=True,
+        **p.flags,
+        num_warps=_num_warps(block),
+    )
+
+
+def _token_pass(p: _Problem, rows: int, *, grads=None, want_aux=False, m=None, log_s=None, g=None):
+    """The "token" loop: per chunk of r tokens one product for the logits, the row kernel, and
+    with ``grads`` the two gradient products.
+
+    Forward (``m`` None): ``cross_entropy._forward_kernel`` gives the loss, ``(m, log S)``, the
+    aux columns and, with ``grads``, the unit-scale ``∂ℓ/∂x`` over the logits; returns
+    ``(token loss, m, log_s, aux)``. Backward: ``∂ℓ/∂x`` times ``g`` from the saved pair.
+    """
+    f32, N, V, dev = torch.float32, p.N, p.V, p.device
+    forward = m is None
+    if forward:
+        loss = torch.empty(N, dtype=f32, device=dev)
+        m = torch.empty(N, dtype=f32, device=dev)
+        log_s = torch.empty(N, dtype=f32, device=dev)
+        aux = torch.empty((N if want_aux else 0, AUX_COLUMNS), dtype=f32, device=dev)
+    rows = max(1, min(rows, N))
+    buffer = torch.empty(rows * V, dtype=p.dtype, device=dev)
+    block = block_size(V)
+    for lo in range(0, N, rows):
+        hi = min(N, lo + rows)
+        z = buffer[: (hi - lo) * V].view(hi - lo, V)
+        h = p.h[lo:hi]
+        p.logits(h, 0, V, z)
+        if not forward:
+            _launch_gradient(p, z, lo, hi, 0, m, log_s, g, block)
+        else:
+            _forward_kernel[(hi - lo,)](
+                z,
+                z.stride(0),
+                z.stride(1),
+                p.t[lo:],
+                p.t.stride(0),
+                1,
+                p.cw,
+                p.cw_sum,
+                loss[lo:],
+                m[lo:],
+                log_s[lo:],
+                aux[lo:] if want_aux else m,  # not written without WANT_AUX
+                p.one,  # unit scale: the reduction's factor is applied to the float32 results
+                z,
+                z.stride(0),
+                z.stride(1),
+                **p.scalars,
+                BLOCK_V=block,
+                SOFT=False,
+                HAS_WEIGHT=p.has_weight,
+                WANT_AUX=want_aux,
+                COMPUTE_GRAD=grads is not None,
+                X_UNIT=True,
+                T_UNIT=True,
+                G_UNIT=True,
+                **p.flags,
+                num_warps=_num_warps(block),
+            )
+        if grads is not None:
+            grads.token_chunk(z, h, lo, hi)
+    if forward:
+        return loss, m, log_s, aux
+    return None
+
+
+def _vocab_stats_pass(p: _Problem, cols: int, want_aux: bool):
+    """The first "vocab" pass: per vocabulary chunk one product over all tokens, merged into
+    every token's running state by :func:`_block_stats_kernel`; then the loss of every token
+    from its state (``rows.finish_rows``: the one loss formula of both backends)."""
+    f32, N, V, dev = torch.float32, p.N, p.V, p.device
+    state = torch.zeros((N, STATE_COLUMNS), dtype=f32, device=dev)
+    state[:, 0] = float("-inf")
+    best = torch.zeros(N if want_aux else 0, dtype=torch.int32, device=dev)
+    cols = max(1, min(cols, V))
+    buffer = torch.empty(max(1, N) * cols, dtype=p.dtype, device=dev)
+    block = block_size(cols)
+    for lo in range(0, V, cols):
+        hi = min(V, lo + cols)
+        z = buffer[: N * (hi - lo)].view(N, hi - lo)
+        p.logits(p.h, lo, hi, z)
+        if N == 0:
+            continue
+        _block_stats_kernel[(N,)](
+            z,
+            z.stride(0),
+            z.stride(1),
+            p.t,
+            p.t.stride(0),
+            p.cw,
+            state,
+            best if want_aux else state,  # not touched without WANT_AUX
+            lo,
+            hi - lo,
+            **p.scalars,
+            BLOCK_V=block,
+            HAS_WEIGHT=p.has_weight,
+            WANT_AUX=want_aux,
+            X_UNIT=True,
+            **p.flags,
+            num_warps=_num_warps(block),
+        )
+    return _finish_state(p, state, best, want_aux)
+
+
+def _finish_state(p: _Problem, state: Tensor, best: Tensor, want_aux: bool):
+    """(token loss, m, log_s, aux) from the merged state; ``m`` and ``log S`` are 0 for ignored
+    tokens whose logits were not read (as ``cross_entropy._forward_kernel`` writes them)."""
+    t, opts = p.terms, p.opts
+    m, s = state[:, 0], state[:, 1]
+    log_s = s.log()
+    base = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    sums = RowSums(
+        m=m,
+        log_s=log_s,
+        z_y=state[:, 5] - base,
+        wz=state[:, 3] if opts.label_smoothing != 0.0 else None,
+    )
+    if want_aux:
+        sums.p_dot_z = state[:, 2] / s
+        sums.hit = (best.long() == t.y).to(torch.float32)
+    stats = finish_rows(sums, opts, p.V, w_y=t.w_y, keep=t.keep, weight_sum=p.w_sum, want_aux=want_aux)
+    if want_aux:
+        aux = torch.stack([stats.ce, stats.zl, stats.entropy, stats.correct], dim=-1)
+    else:
+        aux = torch.empty((0, AUX_COLUMNS), dtype=torch.float32, device=p.device)
+        zero = torch.zeros_like(m)
+        m, log_s = torch.where(t.keep, m, zero), torch.where(t.keep, log_s, zero)
+    return stats.loss, m.contiguous(), log_s.contiguous(), aux
+
+
+def _vocab_gradient_pass(p: _Problem, cols: int, m: Tensor, log_s: Tensor, g: Tensor, grads: _Gradients) -> None:
+    """The second "vocab" pass: per vocabulary chunk the logits again (one product), their
+    ``g·∂ℓ/∂x`` from the saved pair (:func:`_block_gradient_kernel`), that chunk's rows of
+    ``∂W`` and ``∂b`` (written once) and its share of ``∂hidden`` (accumulated in float32)."""
+    N, V = p.N, p.V
+    cols = max(1, min(cols, V))
+    buffer = torch.empty(max(1, N) * cols, dtype=p.dtype, device=p.device)
+    block = block_size(cols)
+    for lo in range(0, V, cols):
+        hi = min(V, lo + cols)
+        z = buffer[: N * (hi - lo)].view(N, hi - lo)
+        p.logits(p.h, lo, hi, z)
+        if N:
+            _launch_gradient(p, z, 0, N, lo, m, log_s, g, block)
+        grads.vocab_chunk(z, lo, hi)
+
+
+def _forward_impl(
+    hidden,
+    weight,
+    bias,
+    target,
+    class_weight,
+    ignore_index,
+    reduction,
+    opts,
+    schedule,
+    chunk_size,
+    need_h,
+    need_w,
+    need_b,
+    want_aux,
+):
+    p = _Problem(hidden, weight, bias, target, class_weight, ignore_index, reduction, opts)
+    want_grad = (need_h or need_w or need_b) and reduction != "none"
+    grads = _Gradients(p, need_h, need_w, need_b, schedule, p.forward_scale()) if want_grad else None
+    if schedule == "token":
+        loss, m, log_s, aux = _token_pass(p, _token_rows(p, chunk_size), grads=grads, want_aux=want_aux)
+    else:
+        cols = _vocab_cols(p, chunk_size)
+        loss, m, log_s, aux = _vocab_stats_pass(p, cols, want_aux)
+        if grads is not None:
+            _vocab_gradient_pass(p, cols, m, log_s, p.one, grads)
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    if grads is not None:
+        grad_h, grad_w, grad_b = grads.outputs(bias_dtype)
+    else:  # three distinct empty placeholders (outputs of a custom op may not alias)
+        grad_h, grad_w, grad_b = (
+            torch.empty(0, dtype=d, device=hidden.device) for d in (hidden.dtype, weight.dtype, bias_dtype)
+        )
+    out = reduce(loss, reduction, p.denominator)
+    return out, m, log_s, p.denominator, grad_h, grad_w, grad_b, aux
+
+
+def _backward_impl(
+    grad_loss,
+    hidden,
+    weight,
+    bias,
+    target,
+    class_weight,
+    m,
+    log_s,
+    ignore_index,
+    reduction,
+    opts,
+    schedule,
+    chunk_size,
+    need_h,
+    need_w,
+    need_b,
+):
+    p = _Problem(hidden, weight, bias, target, class_weight, ignore_index, reduction, opts)
+    grads = _Gradients(p, need_h, need_w, need_b, schedule, None)
+    g = p.row_factors(grad_loss)
+    m, log_s = m.contiguous(), log_s.contiguous()
+    if schedule == "token":
+        _token_pass(p, _token_rows(p, chunk_size), grads=grads, m=m, log_s=log_s, g=g)
+    else:
+        _vocab_gradient_pass(p, _vocab_cols(p, chunk_size), m, log_s, g, grads)
+    return grads.outputs(bias.dtype if bias is not None else weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Custom ops (the PyTorch backend's signatures, fakes and autograd semantics)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("crossent::triton_linear_cross_entropy_forward", mutates_args=())
+def triton_linear_cross_entropy_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    schedule: str,
+    chunk_size: int,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    want_aux: bool,
+    eager: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, m, log_s, denominator, grad_hidden, grad_weight, grad_bias, aux); hidden is (N, D).
+
+    ``eager`` only tells the autograd registration how to keep the gradients (see ``_setup_context``).
+    """
+    opts = RowOptions(label_smoothing, z_loss, softcap, logit_scale)
+    return _forward_impl(
+        hidden,
+        weight,
+        bias,
+        target,
+        class_weight,
+        ignore_index,
+        reduction,
+        opts,
+        schedule,
+        chunk_size,
+        need_h,
+        need_w,
+        need_b,
+        want_aux,
+    )
+
+
+@triton_linear_cross_entropy_forward.register_fake
+def _(
+    hidden,
+    weight,
+    bias,
+    target,
+    class_weight,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    logit_scale,
+    schedule,
+    chunk_size,
+    need_h,
+    need_w,
+    need_b,
+    want_aux,
+    eager,
+):
+    f32 = torch.float32
+    N = hidden.shape[0]
+    loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=f32)
+    with_grads = (need_h or need_w or need_b) and reduction != "none"
+    grads = torch_backend._grad_shapes(hidden, weight, bias, need_h, need_w, need_b, with_grads)
+    aux = hidden.new_empty((N if want_aux else 0, AUX_COLUMNS), dtype=f32)
+    return (
+        loss,
+        hidden.new_empty((N,), dtype=f32),
+        hidden.new_empty((N,), dtype=f32),
+        hidden.new_empty((), dtype=f32),
+        *grads,
+        aux,
+    )
+
+
+@torch.library.custom_op("crossent::triton_linear_cross_entropy_backward", mutates_args=())
+def triton_linear_cross_entropy_backward(
+    grad_loss: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    m: Tensor,
+    log_s: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    schedule: str,
+    chunk_size: int,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients recomputed from the saved pair, times the upstream gradient."""
+    opts = RowOptions(label_smoothing, z_loss, softcap, logit_scale)
+    return _backward_impl(
+        grad_loss,
+        hidden,
+        weight,
+        bias,
+        target,
+        class_weight,
+        m,
+        log_s,
+        ignore_index,
+        reduction,
+        opts,
+        schedule,
+        chunk_size,
+        need_h,
+        need_w,
+        need_b,
+    )
+
+
+@triton_linear_cross_entropy_backward.register_fake
+def _(
+    grad_loss,
+    hidden,
+    weight,
+    bias,
+    target,
+    class_weight,
+    m,
+    log_s,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    logit_scale,
+    schedule,
+    chunk_size,
+    need_h,
+    need_w,
+    need_b,
+):
+    return torch_backend._grad_shapes(hidden, weight, bias, need_h, need_w, need_b, True)
+
+
+def _setup_context(ctx, inputs, output):
+    (
+        hidden,
+        weight,
+        bias,
+        target,
+        class_weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        logit_scale,
+        schedule,
+        chunk_size,
+        need_h,
+        need_w,
+        need_b,
+        want_aux,
+        eager,
+    ) = inputs
+    loss, m, log_s, denominator, grad_h, grad_w, grad_b = output[:7]
+    ctx.options = (
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        logit_scale,
+        schedule,
+        chunk_size,
+        need_h,
+        need_w,
+        need_b,
+    )
+    ctx.need = (need_h, need_w, need_b)
+    ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)
+    in_forward = (need_h or need_w or need_b) and reduction != "none"
+    # Eager: the gradients computed in forward are handed to the first backward through a box
+    # (scaled in place, then let go; a second backward recomputes). Under torch.compile they are
+    # saved and scaled out of place, which keeps the traced graph functional.
+    ctx.grad_box = [grad_h, grad_w, grad_b] if in_forward and eager else []
+    ctx.eager_in_forward = in_forward and eager
+    ctx.grads_saved = in_forward and not eager
+    saved_grads = (grad_h, grad_w, grad_b) if ctx.grads_saved else ()
+    ctx.save_for_backward(hidden, weight, bias, target, class_weight, m, log_s, *saved_grads)
+
+
+def _backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return (None,) * 18
+    if ctx.grad_box:
+        grads = [
+            scale_saved_gradient(g, grad_loss) if need else None for g, need in zip(ctx.grad_box, ctx.need, strict=True)
+        ]
+        ctx.grad_box = []
+    else:
+        saved = ctx.saved_tensors
+        if ctx.grads_saved:
+            grads = [g * grad_loss if need else None for g, need in zip(saved[7:], ctx.need, strict=True)]
+        elif ctx.eager_in_forward:
+            # a second eager backward: the forward's own gradient path again, so that repeated
+            # backward passes agree bit for bit
+            grads = triton_linear_cross_entropy_forward(*saved[:5], *ctx.options, False, True)[4:7]
+            grads = [
+                scale_saved_gradient(g, grad_loss) if need else None for g, need in zip(grads, ctx.need, strict=True)
+            ]
+        else:
+            grads = list(triton_linear_cross_entropy_backward(grad_loss, *saved[:7], *ctx.options))
+    grads = [grad if need else None for grad, need in zip(grads, ctx.need, strict=True)]
+    if not ctx.has_bias:
+        grads[2] = None
+    return (grads[0], grads[1], grads[2]) + (None,) * 15
+
+
+triton_linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The entry point
+# --------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy_op(
+    hidden2d: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    opts,
+    schedule: str,
+):
+    """Run the op on flattened, validated inputs; returns (loss, m, log_s, denominator, aux)."""
+    if hidden2d.dtype == torch.float64:  # float32 kernel arguments: see the module docstring
+        return torch_backend.linear_cross_entropy_op(hidden2d, weight, bias, target, class_weight, opts, schedule)
+    grad_on = torch.is_grad_enabled()
+    need_h = grad_on and hidden2d.requires_grad
+    need_w = grad_on and weight.requires_grad
+    need_b = grad_on and bias is not None and bias.requires_grad
+    loss, m, log_s, denominator, _, _, _, aux = triton_linear_cross_entropy_forward(
+        hidden2d,
+        weight,
+        bias,
+        target,
+        class_weight,
+        opts.ignore_index,
+        opts.reduction,
+        opts.label_smoothing,
+        opts.z_loss,
+        opts.softcap,
+        opts.logit_scale,
+        schedule,
+        opts.chunk_size or 0,
+        need_h,
+        need_w,
+        need_b,
+        opts.return_aux,
+        not torch.compiler.is_compiling(),
+    )
+    return loss, m, log_s, denominator, aux
+
+
+__all__ = ["linear_cross_entropy_op"]
