@@ -1,0 +1,205 @@
+"""Benchmark ``crossent.linear_cross_entropy`` against eager PyTorch, ``torch.compile``, Cut
+Cross-Entropy's CPU path and the floor of three bare matrix products.
+
+    python benchmarks/bench_linear_cross_entropy.py              # the shapes of issue 4 (long on a CPU)
+    python benchmarks/bench_linear_cross_entropy.py --quick      # small shapes, about a minute
+    python benchmarks/bench_linear_cross_entropy.py --table1-tokens 128   # a shorter Table-1 run
+
+For each workload every method runs forward + backward on fresh inputs (``hidden`` (N, D) and the
+classifier ``weight`` (V, D) both requiring grad, hard targets, ``reduction="mean"``):
+
+* ``crossent token`` / ``crossent vocab``: the two schedules of DESIGN.md §4;
+* ``eager``: ``F.cross_entropy((hidden @ W.T).float(), t)``, and ``torch.compile`` of it;
+* ``CCE torch_compile``: ``cut_cross_entropy.linear_cross_entropy(..., impl="torch_compile")``
+  when the ``bench`` extra is installed;
+* ``floor``: the three bare products a loss cannot avoid (logits, ∂hidden, ∂W), same shapes and
+  dtype, nothing else.
+
+Time is forward+backward, medians of round-robin rounds, reported as ratios paired in one process.
+Memory overhead is the resident high-water mark of forward+backward minus the resident size before
+it, minus the bytes of the gradients of ``hidden`` and ``weight`` (which every method must produce):
+what a method holds beyond its inputs and their gradients. Workloads: (N=2048, D=512, V=128256)
+float32 at N and 2N, and the Cut Cross-Entropy paper's Table 1 (Gemma 2 2B head: D=2304, V=256000,
+bfloat16) at N=1024 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import crossent  # noqa: E402
+
+FLOOR = "floor (3 products)"
+EAGER = "eager F.cross_entropy((h @ W.T).float())"
+COMPILE = "torch.compile(eager)"
+TOKEN = "crossent token"
+VOCAB = "crossent vocab"
+CCE = "CCE torch_compile"
+
+
+def workloads(quick: bool, table1_tokens: int) -> list[tuple[str, int, int, int, torch.dtype]]:
+    if quick:
+        return [
+            ("quick f32", 256, 256, 32000, torch.float32),
+            ("quick f32 2N", 512, 256, 32000, torch.float32),
+            ("quick bf16", 64, 512, 32000, torch.bfloat16),
+        ]
+    return [
+        ("N=2048 f32", 2048, 512, 128256, torch.float32),
+        ("2N=4096 f32", 4096, 512, 128256, torch.float32),
+        (f"Table 1 bf16 (N={table1_tokens})", table1_tokens, 2304, 256000, torch.bfloat16),
+    ]
+
+
+def methods(dtype: torch.dtype) -> dict:
+    def eager(h, w, t):
+        return F.cross_entropy((h @ w.T).float(), t)
+
+    def floor(h, w, t):
+        return _Floor.apply(h, w)
+
+    compiled = torch.compile(eager, dynamic=False)
+    out = {
+        FLOOR: floor,
+        TOKEN: lambda h, w, t: crossent.linear_cross_entropy(h, w, t, schedule="token"),
+        VOCAB: lambda h, w, t: crossent.linear_cross_entropy(h, w, t, schedule="vocab"),
+        EAGER: eager,
+        COMPILE: compiled,
+    }
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        out[CCE] = lambda h, w, t: cce(h, w, t, impl="torch_compile")
+    except ImportError:
+        pass
+    return out
+
+
+class _Floor(torch.autograd.Function):
+    """The three products of a fused loss and nothing else: logits = h·Wᵀ (forward), then
+    ∂h = G·W and ∂W = Gᵀ·h with G of the logits' shape (backward; G is the logits themselves, so no
+    softmax work is counted)."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        logits = h @ w.T
+        ctx.save_for_backward(h, w, logits)
+        return logits.sum() * 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, logits = ctx.saved_tensors
+        return logits @ w, logits.T @ h
+
+
+def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def make():
+        h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+        w = (torch.randn(v, d, generator=g) / d**0.5).to(dtype).requires_grad_()
+        t = torch.randint(0, v, (n,), generator=g)
+        return h, w, t
+
+    return make
+
+
+def run(quick: bool, repeats: int, table1_tokens: int) -> list[dict]:
+    rows = []
+    for name, n, d, v, dtype in workloads(quick, table1_tokens):
+        make = make_inputs(n, d, v, dtype)
+        fns = methods(dtype)
+        trials = {m: common.fwd_bwd_trial(make, lambda x, fn=fn: fn(*x)) for m, fn in fns.items()}
+        samples = common.run_paired(trials, warmup=1, repeats=repeats)
+        med = common.medians(samples)
+        grad_bytes = (n * d + v * d) * torch.empty((), dtype=dtype).element_size()
+        eager_overhead = None
+        for m, fn in fns.items():
+            peak, _ = common.peak_fwd_bwd(make, lambda x, fn=fn: fn(*x), repeats=1)
+            overhead = max(0, peak - grad_bytes)
+            if m == EAGER:
+                eager_overhead = overhead
+            rows.append(
+                dict(
+                    workload=name,
+                    N=n,
+                    D=d,
+                    V=v,
+                    dtype=str(dtype).replace("torch.", ""),
+                    method=m,
+                    fwd_bwd_s=med[m]["fwd_bwd"],
+                    overhead_bytes=overhead,
+                    vs_floor=common.paired_ratio(samples, m, FLOOR, "fwd_bwd"),
+                    speedup_vs_eager=common.paired_ratio(samples, EAGER, m, "fwd_bwd"),
+                )
+            )
+        for row in rows:
+            if row["workload"] == name:
+                row["overhead_vs_eager"] = row["overhead_bytes"] / eager_overhead if eager_overhead else float("nan")
+        print_rows([r for r in rows if r["workload"] == name])
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        print(
+            f"{r['workload']:<26}{r['method']:<44}{r['fwd_bwd_s']:9.2f} s  {r['vs_floor']:6.2f}× floor  "
+            f"{r['speedup_vs_eager']:6.2f}× faster than eager  overhead {r['overhead_bytes'] / 2**20:8.0f} MiB"
+            f" ({r.get('overhead_vs_eager', float('nan')) * 100:5.1f}% of eager's)",
+            flush=True,
+        )
+
+
+def table(rows: list[dict]) -> str:
+    body = common.markdown_table(
+        ["workload", "method", "fwd+bwd (× floor)", "speed-up vs eager", "memory overhead", "overhead vs eager's"],
+        [
+            (
+                r["workload"],
+                r["method"],
+                f"{r['vs_floor']:.2f}×",
+                f"{r['speedup_vs_eager']:.2f}×",
+                f"{r['overhead_bytes'] / 2**20:.0f} MiB",
+                f"{r['overhead_vs_eager'] * 100:.1f}%",
+            )
+            for r in rows
+        ],
+        align="llrrrr",
+    )
+    return body
+
+
+def main(quick: bool = False, repeats: int = 3, table1_tokens: int = 1024) -> list[dict]:
+    torch.manual_seed(0)
+    rows = run(quick, repeats, table1_tokens)
+    name = "linear_cross_entropy_quick" if quick else "linear_cross_entropy"
+    common.write_csv(name, rows)
+    title = "## `crossent.linear_cross_entropy` against eager PyTorch and the floor"
+    intro = (
+        f"{title}{' (quick shapes)' if quick else ''}\n\n"
+        f"Machine: {common.machine_line()}.\n"
+        f"Command: `python benchmarks/bench_linear_cross_entropy.py{' --quick' if quick else ''}`; "
+        f"medians of {repeats} round-robin rounds. Time of forward+backward as a multiple of the three bare "
+        "products (floor) and as a speed-up over eager `F.cross_entropy((h @ W.T).float(), t)`; memory "
+        "overhead = peak extra resident memory of forward+backward minus the gradients of hidden and weight. "
+        "Absolute CPU times are in the CSV only.\n"
+    )
+    common.write_section(name, intro + "\n" + table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--table1-tokens", type=int, default=1024)
+    args = parser.parse_args()
+    main(args.quick, args.repeats, args.table1_tokens)
