@@ -126,6 +126,7 @@ LOGIT_TRANSFORMS: dict[str, tuple[tuple[str, ...], Callable, tuple[str, ...]]] =
             "Gemma3ForCausalLM",
             "Gemma3nForCausalLM",
             "Gemma4ForCausalLM",
+            "Gemma4UnifiedForCausalLM",
             "VaultGemmaForCausalLM",
             "NanoChatForCausalLM",
         )
@@ -171,16 +172,25 @@ def _scaling_attributes(config) -> dict[str, Any]:
 
 
 def _transformers_class(model: nn.Module) -> type:
-    """The family: the first class of the model's MRO defined by transformers (FSDP2 and other
-    wrappers subclass it dynamically)."""
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.") and cls.__name__.endswith("ForCausalLM"):
+    """The family: the first transformers ``*ForCausalLM`` class of the model's MRO (FSDP2 and
+    other wrappers subclass it dynamically); for remote-code models, their own such class."""
+    from transformers import PreTrainedModel
+
+    candidates = [
+        cls
+        for cls in type(model).__mro__
+        if cls.__name__.endswith("ForCausalLM") and not cls.__module__.startswith("torch.")
+    ]
+    if not isinstance(model, PreTrainedModel) or not candidates:
+        raise TypeError(
+            f"crossent.transformers.patch needs a transformers *ForCausalLM model, got {type(model).__name__} "
+            "(for a peft model, patch peft_model.get_base_model(); for a wrapped model, patch the inner "
+            "transformers model before wrapping it)"
+        )
+    for cls in candidates:
+        if cls.__module__.startswith("transformers."):
             return cls
-    raise TypeError(
-        f"crossent.transformers.patch needs a transformers *ForCausalLM model, got {type(model).__name__} "
-        "(for a peft model, patch peft_model.get_base_model(); for a wrapped model, patch the inner "
-        "transformers model before wrapping it)"
-    )
+    return candidates[0]
 
 
 def _matching_paren(src: str, open_at: int) -> int:
@@ -362,6 +372,11 @@ def _head_loss(head: nn.Linear, hidden: Tensor, target: Tensor, options: dict):
     def fused_forward(hidden: Tensor, target: Tensor):
         return linear_cross_entropy(hidden, head.weight, target, bias=head.bias, return_aux=True, **options)
 
+    if "forward" in head.__dict__:
+        raise RuntimeError(
+            "crossent: the classifier got an instance-level forward after patch() (e.g. an accelerate hook); "
+            "unpatch the model and patch it after that wrapping, or before it without the hook"
+        )
     head.forward = fused_forward  # this call only: the module stays an nn.Linear
     try:
         return head(hidden, target)
@@ -447,8 +462,15 @@ def _fused_call(model: nn.Module, state: _PatchState, args, kwargs, options: dic
         kwargs = {**kwargs, "return_dict": True}
     capture = _Capture(head)
     call = _LossCall(head, capture, options, per_token)
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
     had_loss_function = "_loss_function" in model.__dict__
     previous = model.__dict__.get("_loss_function")
+    if had_loss_function and previous is not LOSS_MAPPING["ForCausalLM"]:
+        raise RuntimeError(
+            f"crossent: model.loss_function was set to {previous!r} after patch(); crossent replaces transformers' "
+            "ForCausalLMLoss only. Unpatch the model to use a custom loss"
+        )
     model._modules[name] = capture
     model.__dict__["_loss_function"] = call
     try:
@@ -558,7 +580,7 @@ def patch(
             model the logits are small and the check is weak; on a trained one it is sharp.
 
     Example:
-        >>> import crossent.transformers
+        >>> import torch, crossent.transformers
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64,
         ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
@@ -578,8 +600,6 @@ def patch(
         raise ValueError(f'logit_scale must be "auto" or a finite, non-zero float, got {logit_scale!r}')
     if softcap != _AUTO and isinstance(softcap, str):
         raise ValueError(f'softcap must be "auto", None or a float > 0, got {softcap!r}')
-    if is_patched(model):
-        unpatch(model)
     family = _transformers_class(model).__name__
     own_loss = model.loss_function
     if own_loss is not LOSS_MAPPING["ForCausalLM"]:
@@ -599,6 +619,8 @@ def patch(
         schedule=schedule,
         impl=impl,
     )
+    if is_patched(model):  # validated above: now replace the old options
+        unpatch(model)
     instance_forward = model.__dict__.get("forward")
     original = instance_forward if instance_forward is not None else type(model).forward
     signature = inspect.signature(
