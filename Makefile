@@ -19,8 +19,10 @@ demo: $(STAMP)
 	$(VENV)/bin/crossent demo
 
 # pytest exits 5 when it collects nothing: make treats that, like any failure, as an error.
+# Two workers for the suite; the few tests that need several GB run afterwards, alone.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not bigmem" $(PYTEST_ARGS)
+	$(PY) -m pytest -m bigmem $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/crossent bench

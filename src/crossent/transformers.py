@@ -68,6 +68,16 @@ class TrainingStats(NamedTuple):
         n_tokens: number of kept tokens (int64).
         aux: the full :class:`crossent.LossAux` (per-token ``lse`` and ``entropy``; its ``ce`` and
             ``z_loss`` are normalised like the loss).
+
+    Example:
+        >>> import torch, crossent.transformers
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+        >>> model = crossent.transformers.patch(model, z_loss=1e-4)
+        >>> out = model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8)))
+        >>> type(out.crossent).__name__, out.crossent.accuracy.shape
+        ('TrainingStats', torch.Size([]))
     """
 
     ce: Tensor
@@ -532,7 +542,18 @@ def _make_forward(original: Callable, signature: inspect.Signature) -> Callable:
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`patch` is in effect on ``model``."""
+    """Whether :func:`patch` is in effect on ``model``.
+
+    Example:
+        >>> import torch, crossent.transformers
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+        >>> crossent.transformers.is_patched(model)
+        False
+        >>> crossent.transformers.is_patched(crossent.transformers.patch(model))
+        True
+    """
     return _STATE in model.__dict__
 
 
@@ -657,7 +678,20 @@ def patch(
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: the model's forward is again exactly what it was. Returns ``model``
-    (a model that is not patched is returned unchanged)."""
+    (a model that is not patched is returned unchanged).
+
+    Args:
+        model: a model given to :func:`patch` (or any module).
+
+    Example:
+        >>> import torch, crossent.transformers
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+        >>> model = crossent.transformers.unpatch(crossent.transformers.patch(model))
+        >>> crossent.transformers.is_patched(model)
+        False
+    """
     state: _PatchState | None = model.__dict__.pop(_STATE, None)
     if state is None:
         return model
