@@ -40,9 +40,11 @@ from .rows import (
     target_terms,
 )
 
-#: Past this many float32 elements a chunk gets no faster on a CPU (it leaves the caches), so
-#: the automatic chunk stops growing there even when the memory budget allows more.
-CHUNK_ELEMENTS = 1 << 18
+#: The automatic chunk stops growing at this many elements (4 MiB of float32) even when the memory
+#: budget allows more: larger chunks leave the caches. Smaller ones multiply the number of short
+#: multi-threaded kernels, each of which waits for every thread: measured on the 2-core CI machine,
+#: 2^20 was the fastest of 2^18..2^22 with other work running, and within noise of the best alone.
+CHUNK_ELEMENTS = 1 << 20
 
 AUX_COLUMNS = 4  # ce, z-loss, entropy, correct
 
