@@ -25,7 +25,8 @@ test: $(STAMP)
 	$(PY) -m pytest -m bigmem $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(VENV)/bin/crossent bench
+	$(PY) benchmarks/bench_cross_entropy.py
+	$(PY) benchmarks/bench_linear_cross_entropy.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
