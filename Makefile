@@ -19,10 +19,11 @@ demo: $(STAMP)
 	$(VENV)/bin/crossent demo
 
 # pytest exits 5 when it collects nothing: make treats that, like any failure, as an error.
-# Two workers for the suite; the few tests that need several GB run afterwards, alone.
+# Two workers for the suite; the tests marked bigmem (several GB) run afterwards, alone, and only
+# that second run may find none (exit 5).
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not bigmem" $(PYTEST_ARGS)
-	$(PY) -m pytest -m bigmem $(PYTEST_ARGS)
+	$(PY) -m pytest -m bigmem $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cross_entropy.py
