@@ -243,14 +243,13 @@ def target_lines(rows: list[dict]) -> list[str]:
             m = per[name]["peak_extra_x_logits"]
             parts.append(f"{name} peak {m:.2f}× logits (≤ {limit}×: {'met' if m <= limit else 'NOT met'})")
         load = per[CROSSENT]["other_load_cores"]
-        disturbed = " (timings disturbed)" if load > 0.25 else ""
+        disturbed = " (timings disturbed)" if common.disturbed(load, per[CROSSENT]["threads"]) else ""
         parts.append(f"other processes used {load:.2f} cores while timing{disturbed}")
         lines.append(f"- {N}×{V} {dtype_name}: " + "; ".join(parts))
     return lines
 
 
-def section(rows: list[dict], *, quick: bool, repeats: int, out: str) -> str:
-    command = "python benchmarks/bench_cross_entropy.py" + (" --quick" if quick else "")
+def section(rows: list[dict], *, quick: bool, repeats: int, out: str, command: str) -> str:
     return "\n".join(
         [
             f"## `crossent.cross_entropy` against `F.cross_entropy`{' (quick shapes)' if quick else ''}",
@@ -259,8 +258,10 @@ def section(rows: list[dict], *, quick: bool, repeats: int, out: str) -> str:
             f"Command: `{command}`; {repeats} rounds, each running the methods back to back on fresh",
             "logits; figures are medians over the rounds (ratios: medians of per-round ratios). Absolute",
             f"times are in `benchmarks/results/{out}.csv`. The machine is shared: the load that other",
-            "processes put on it while timing is given per shape under the table (a chunked loop of short",
-            "multi-threaded kernels suffers far more from such load than one long kernel does).",
+            "processes put on it while timing is given per shape under the table, flagged when it took",
+            "cores the torch threads needed (a chunked loop of short multi-threaded kernels then suffers",
+            "far more than one long kernel does: its threads wait at every kernel's barrier for a",
+            "descheduled peer).",
             "",
             'Hard targets, `reduction="mean"`, `loss.backward()`. Speedup = time of the eager (or compiled)',
             "`F.cross_entropy` / time of the method. crossent computes the gradient in its forward when the",
@@ -297,6 +298,13 @@ def main(
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     if threads:
         torch.set_num_threads(threads)
+    command = " ".join(
+        ["python benchmarks/bench_cross_entropy.py"]
+        + (["--quick"] if quick else [])
+        + ([f"--repeats {repeats}"] if repeats else [])
+        + ([f"--threads {threads}"] if threads else [])
+        + ([f"--out {out}"] if out != ("cross_entropy_quick" if quick else "cross_entropy") else [])
+    )
     repeats = repeats or (3 if quick else 5)
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
     fns = methods()
@@ -319,7 +327,7 @@ def main(
         r["quick"] = quick
         r["machine"] = machine
     common.write_csv(out, rows)
-    common.write_section(out, section(rows, quick=quick, repeats=repeats, out=out))
+    common.write_section(out, section(rows, quick=quick, repeats=repeats, out=out, command=command))
     print(f"Machine: {machine}\n")
     print(times_table(rows), end="\n\n")
     print(ratio_table(rows), end="\n\n")

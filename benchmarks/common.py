@@ -8,8 +8,10 @@ How a benchmark uses it (see ``bench_cross_entropy.py``):
 * ``make_inputs()`` allocates fresh inputs for one call (outside every measurement) and
   ``loss_fn(inputs)`` returns the scalar loss. :func:`fwd_bwd_trial` and :func:`no_grad_trial`
   turn the pair into a trial that times one call; :func:`run_paired` runs the trials of several
-  methods round-robin (warm-up first, then ``repeats`` rounds) and keeps the median of each
-  figure, so that the methods share whatever load the machine carries and their ratios pair up.
+  methods round-robin (warm-up first, then ``repeats`` rounds), so that the methods share
+  whatever load the machine carries; :func:`medians` and :func:`paired_ratio` (the median of
+  per-round ratios) sum the rounds up. :class:`OtherLoad` records the load other processes put
+  on the machine meanwhile, :func:`disturbed` says whether it took cores the timing needed.
 * :func:`peak_fwd_bwd` measures the peak extra resident memory of forward + backward with
   :func:`peak_extra_rss`.
 * :class:`HandOff` makes a tensor that requires grad without being a leaf, and whose gradient is
@@ -144,9 +146,10 @@ class OtherLoad:
     """Cores kept busy by *other* processes while the ``with`` block ran (``.cores``).
 
     Measured from /proc/stat (the whole machine) minus this process's own CPU time: a figure
-    near 0 means the timings had the machine to themselves. Under load, many short multi-threaded
-    kernels (a chunked loop) slow down far more than a few long ones, so timings taken with
-    ``cores`` well above 0 understate the chunked methods.
+    near 0 means the timings had the machine to themselves. When other processes take cores that
+    the torch threads need (:func:`disturbed`), many short multi-threaded kernels (a chunked loop)
+    slow down far more than a few long ones - every kernel's threads wait at its barrier for a
+    descheduled peer - so such timings understate the chunked methods.
     """
 
     def __init__(self) -> None:
@@ -164,14 +167,26 @@ class OtherLoad:
         self.cores = max(0.0, ((busy - self._busy0) - (own - self._own0)) / hz / max(seconds, 1e-9))
 
 
-def wait_for_quiet(max_cores: float = 0.25, timeout: float = 0.0, sample: float = 2.0) -> float:
-    """Wait (at most ``timeout`` seconds) until other processes use at most ``max_cores``; returns
-    the last figure measured over ``sample`` seconds."""
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def disturbed(other_cores: float, threads: int | None = None, slack: float = 0.25) -> bool:
+    """Whether other processes took cores that ``threads`` torch threads needed (more than
+    ``slack`` beyond the cores those threads leave free)."""
+    threads = threads or torch.get_num_threads()
+    return other_cores > max(0, cpu_count() - threads) + slack
+
+
+def wait_for_quiet(timeout: float = 0.0, sample: float = 2.0, threads: int | None = None) -> float:
+    """Wait (at most ``timeout`` seconds) until other processes leave ``threads`` torch threads
+    their cores (see :func:`disturbed`); returns the last load measured over ``sample`` seconds."""
     deadline = time.perf_counter() + timeout
     while True:
         with OtherLoad() as load:
             time.sleep(sample)
-        if load.cores <= max_cores or time.perf_counter() >= deadline:
+        if not disturbed(load.cores, threads) or time.perf_counter() >= deadline:
             return load.cores
 
 
@@ -402,7 +417,7 @@ def cpu_model() -> str:
 
 def machine_line() -> str:
     """One line naming the machine and software the figures come from."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cpu_count()
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         mem_text = f", {mem:.0f} GiB RAM"
