@@ -55,6 +55,7 @@ from .torch_impl.rows import (
     reduction_scale,
     scores_into,
     target_terms,
+    weighted,
 )
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "global_normalizer"]
@@ -201,10 +202,10 @@ def _combine(loc: _Local, shard: _Shard, opts: RowOptions, terms, weight_sum: Te
     zero = torch.zeros_like(m)
     columns = [torch.where(loc.inside & terms.keep, loc.z_y - m, zero)]
     smooth = opts.label_smoothing != 0.0
-    if smooth:  # Σ w_j (z_j - m) = Σ w_j (z_j - m_r) + (m_r - m)·Σ w_j
-        columns.append(zero if empty else loc.wz + d * loc.w_sum)
+    if smooth:  # Σ w_j (z_j - m) = Σ w_j (z_j - m_r) + (m_r - m)·Σ w_j, w pre-scaled by ε/V, m_r - m in halves
+        columns.append(zero if empty else loc.wz + 2.0 * ((loc.m * 0.5 - m * 0.5) * loc.w_sum))
     if want_aux:  # Σ e^(z-m)(z-m) = e^(m_r-m)·(Σ e^(z-m_r)(z-m_r) + (m_r-m)·S_r)
-        columns.append(zero if empty else torch.exp(d) * (loc.ent + d * loc.s))
+        columns.append(zero if empty else weighted(torch.exp(d), loc.ent + d * loc.s))
         first = (ms == m).to(torch.uint8).argmax(0)  # the rank of the first maximum (ties: lowest)
         hit = (first == shard.rank) & (loc.best == terms.y)
         columns.append(hit.to(m.dtype))
@@ -327,7 +328,7 @@ def _logits_forward(logits: Tensor, target: Tensor, weight: Tensor | None, plan:
             r = x.shape[0]
             z = z_full[:r]
             scores_into(z, x[:, :width], opts, None)
-            stats = OnlineStats(opts, weight_sum=w_sum, y=terms.y[lo : lo + r], want_aux=plan.want_aux)
+            stats = OnlineStats(opts, shard.vocab, weight_sum=w_sum, y=terms.y[lo : lo + r], want_aux=plan.want_aux)
             stats.update(z, col0, block_w, scratch_full[:r] if plan.want_aux else None)
             for name, t in fields.items():
                 t[lo : lo + r] = getattr(stats, name)
@@ -611,7 +612,7 @@ def _linear_stats(p: _LinearProblem, want_aux: bool):
         cols = max(1, min(p.chunk(want_aux, False), shard.width))
         z_full = torch.empty(p.n * cols, dtype=p.acc, device=p.device)
         scratch_full = torch.empty(p.n * cols, dtype=p.acc, device=p.device) if want_aux else None
-        stats = OnlineStats(opts, weight_sum=p.w_sum, y=t.y, want_aux=want_aux)
+        stats = OnlineStats(opts, shard.vocab, weight_sum=p.w_sum, y=t.y, want_aux=want_aux)
         for lo, hi in p.blocks(cols):
             z, _ = p.scores(lo, hi, z_full)
             scores_into(z, z, opts, None)  # the scale and the soft cap

@@ -105,6 +105,27 @@ def check_target_range(target: Tensor, vocab_size: int, ignore_index: int) -> No
         )
 
 
+def may_overlap(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (e.g. an ``expand``ed tensor), from its
+    sizes and strides alone: True unless each dim's stride clears the span of the smaller ones."""
+    dims = sorted((abs(st), n) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
+    span = 0  # elements covered by the dims of smaller stride, minus one
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def check_inplace_backward(logits: Tensor, inplace_backward: bool) -> None:
+    if inplace_backward and logits.requires_grad and may_overlap(logits):
+        raise ValueError(
+            "inplace_backward=True writes the gradient into the logits' storage, but elements of these "
+            f"logits share memory (shape {_shape(logits)}, strides {tuple(logits.stride())}, e.g. from "
+            "expand()); pass inplace_backward=False, or logits.contiguous()"
+        )
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -219,6 +240,7 @@ def cross_entropy(
     backend = choose_impl(opts.impl, device)
     if not soft:
         check_target_range(target, V, opts.ignore_index)
+    check_inplace_backward(logits, opts.inplace_backward)
     if backend == "triton":
         loss, m, log_s, denominator, aux = _triton_backend().cross_entropy_op(logits, target, weight, opts)
     else:

@@ -180,8 +180,10 @@ def linear_cross_entropy(
     shift = int(shift)
     if shift:
         T = target.shape[-1]
-        logits = logits[..., : T - shift, :]
-        target = target[..., shift:]
+        kept = max(T - shift, 0)  # shift >= T: no position has a target
+        logits = logits[..., :kept, :]
+        target = target[..., T - kept :]
+        shift = T - kept  # the number of positions padded with 0
     result = cross_entropy(logits, target, weight=class_weight, reduction=reduction, **options)
     if not shift:
         return result

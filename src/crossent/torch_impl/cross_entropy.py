@@ -37,6 +37,7 @@ from .rows import (
     grad_terms,
     reduce,
     reduction_scale,
+    smoothing_weights,
     target_terms,
 )
 
@@ -141,6 +142,7 @@ def _forward_impl(
         gterms = grad_terms(g_all, opts, V, w_y=None if soft else terms.w_y, weight_sum=w_sum)
 
     n_scratch = scratch_buffers(soft, opts.softcap is not None, compute_grad, want_aux)
+    smooth_w = None if soft else smoothing_weights(w, opts, V, acc, device)
     chunk_rows = max(1, min(chunk_size, N))
     z_full = torch.empty((chunk_rows, V), dtype=acc, device=device)
     scratch_full = [torch.empty((chunk_rows, V), dtype=acc, device=device) for _ in range(n_scratch)]
@@ -161,6 +163,7 @@ def _forward_impl(
             grad=gterms.rows(lo, hi) if compute_grad else None,
             grad_out=grad_out,
             scratch=[b[:r] for b in scratch_full],
+            smooth_weight=smooth_w,
         )
 
     stats = finish_rows(sums, opts, V, w_y=None if soft else terms.w_y, keep=keep, weight_sum=w_sum, want_aux=want_aux)

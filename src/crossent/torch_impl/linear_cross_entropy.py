@@ -50,6 +50,7 @@ from .rows import (
     reduce,
     reduction_scale,
     scores_into,
+    smoothing_weights,
     target_terms,
 )
 
@@ -143,12 +144,17 @@ class _Problem:
             g = g * upstream
         return torch.where(self.terms.keep, g, torch.zeros_like(g))
 
-    def scatter(self, values: Tensor, fill: float = 0.0) -> Tensor:
-        """Per-kept-token values back to all N tokens (dropped ones get ``fill``)."""
+    def scatter(self, values: Tensor, fill: float = 0.0, dtype: torch.dtype | None = None) -> Tensor:
+        """Per-kept-token values back to all N tokens (dropped ones get ``fill``), in ``dtype``
+        (default: theirs), converted a budget's chunk of rows at a time."""
+        dtype = dtype or values.dtype
         if self.rows is None:
-            return values
-        out = values.new_full((self.N,) + values.shape[1:], fill)
-        return out.index_copy_(0, self.rows, values)
+            return values.to(dtype)
+        out = torch.full((self.N,) + values.shape[1:], fill, dtype=dtype, device=values.device)
+        rows = rows_per_chunk(values[:1].numel() * out.element_size())
+        for lo in range(0, self.n, rows):
+            out.index_copy_(0, self.rows[lo : lo + rows], values[lo : lo + rows].to(dtype))
+        return out
 
 
 class _Gradients:
@@ -189,7 +195,9 @@ class _Gradients:
         def out(t, dtype):
             return t.to(dtype) if t is not None else torch.empty(0, dtype=dtype, device=p.device)
 
-        grad_h = self.h if self.schedule == "token" or self.h is None else p.scatter(self.h)
+        grad_h = self.h
+        if self.schedule == "vocab" and grad_h is not None:  # no float32 (N, D) temporary
+            grad_h = p.scatter(grad_h, dtype=hidden_dtype)
         return out(grad_h, hidden_dtype), out(self.w, weight_dtype), out(self.b, bias_dtype)
 
 
@@ -203,6 +211,7 @@ def _token_forward(p: _Problem, g: Tensor | None, grads: _Gradients | None, chun
     n_scratch = _scratch_count(opts.softcap is not None, g is not None, want_aux)
     scratch_full = [torch.empty((rows, V), dtype=acc, device=p.device) for _ in range(n_scratch)]
     w_acc = p.weight_slice(0, V)  # a view for a weight already in the accumulation dtype
+    smooth_w = smoothing_weights(p.cw, opts, V, acc, p.device)
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
         h = p.h_rows(lo, hi)
@@ -218,6 +227,7 @@ def _token_forward(p: _Problem, g: Tensor | None, grads: _Gradients | None, chun
             grad=gterms.rows(lo, hi) if g is not None else None,
             grad_out=z,
             scratch=[b[: hi - lo] for b in scratch_full],
+            smooth_weight=smooth_w,
         )
         if g is not None:
             _accumulate_token_chunk(grads, z, h, w_acc, lo, hi)
@@ -249,7 +259,7 @@ def _vocab_forward(p: _Problem, chunk: int, want_aux: bool):
     cols = max(1, min(chunk, V))
     z_full = torch.empty((n, cols), dtype=acc, device=p.device)
     scratch = torch.empty((n, cols), dtype=acc, device=p.device) if want_aux else None
-    stats = OnlineStats(opts, weight_sum=p.w_sum, y=t.y, want_aux=want_aux)
+    stats = OnlineStats(opts, V, weight_sum=p.w_sum, y=t.y, want_aux=want_aux)
     for lo in range(0, V, cols):
         hi = min(V, lo + cols)
         z = z_full[:, : hi - lo] if hi - lo < cols else z_full

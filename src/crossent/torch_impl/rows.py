@@ -115,6 +115,21 @@ def _soft_weights(p: Tensor, weight: Tensor | None, opts: RowOptions, out: Tenso
     return out
 
 
+def smoothing_weights(weight: Tensor | None, opts: RowOptions, vocab_size: int, acc, device) -> Tensor | None:
+    """``(ε/V)·w_j`` (V,) for the smoothing sum, or None without smoothing.
+
+    The sum ``Σ_j w_j (z_j - m)`` is taken with weights already scaled by ``ε/V``: its terms can
+    be near the float32 maximum (a 3e38 logit), so the unscaled sum may overflow where the
+    smoothing term itself is representable.
+    """
+    if opts.label_smoothing == 0.0:
+        return None
+    scale = opts.label_smoothing / vocab_size
+    if weight is None:
+        return torch.full((vocab_size,), scale, dtype=acc, device=device)
+    return weight.to(acc) * scale
+
+
 @dataclass
 class RowSums:
     """Per-token sums that a loop fills in chunk by chunk (accumulation dtype, one value per token).
@@ -126,7 +141,7 @@ class RowSums:
     m: Tensor  # max_j z_j
     log_s: Tensor  # log Σ_j exp(z_j - m)
     z_y: Tensor | None = None  # z_y - m (hard target)
-    wz: Tensor | None = None  # Σ_j w_j (z_j - m) (hard target with label smoothing)
+    wz: Tensor | None = None  # (ε/V)·Σ_j w_j (z_j - m), pre-scaled (hard target with label smoothing)
     q_dot_z: Tensor | None = None  # Σ_j w_j p'_j (z_j - m) (soft target)
     q_sum: Tensor | None = None  # Σ_j w_j p'_j (soft target)
     p_dot_z: Tensor | None = None  # Σ_j p_j (z_j - m) (aux: the entropy is log S minus this)
@@ -177,7 +192,7 @@ def finish_rows(
 ) -> RowStats:
     """The loss terms of DESIGN.md §1 (3–5) for every token, from its sums.
 
-    hard: ce = -(1-ε)·w_y·((z_y - m) - log S) - (ε/V)·(Σ_j w_j (z_j - m) - log S·Σ_j w_j)
+    hard: ce = -(1-ε)·w_y·((z_y - m) - log S) - ((ε/V)·Σ_j w_j (z_j - m) - log S·(ε/V)·Σ_j w_j)
     soft: ce = -(Σ_j w_j p'_j (z_j - m) - log S·Σ_j w_j p'_j)
     z-loss: c·w_y·lse² (hard), c·lse² (soft), with lse = m + log S; not computed when c = 0.
     """
@@ -189,7 +204,7 @@ def finish_rows(
     else:
         ce = -(1.0 - eps) * w_y * (sums.z_y - log_s)  # (z_y - m) - log S: the seed's order
         if eps != 0.0:
-            ce = ce - (eps / vocab_size) * (sums.wz - log_s * weight_sum)
+            ce = ce - (sums.wz - log_s * ((eps / vocab_size) * weight_sum))
         zero = torch.zeros_like(ce)
         ce = torch.where(keep, ce, zero)  # an ignored token is exactly 0, whatever its logits
         zl = torch.where(keep, c * w_y * lse * lse, zero) if c != 0.0 else None
@@ -208,6 +223,8 @@ class GradTerms:
     ``g`` is ``∂loss/∂ℓ_i`` (0 for ignored tokens). For hard targets, with ``gs = g·s``:
     ``a0 = gs·((1-ε)w_y + (ε/V)Σw)`` and ``az = gs·2c·w_y`` make the factor of softmax_j
     (``a0 + az·lse``), ``gy = gs·(1-ε)w_y`` is taken off at the target, ``b = gs·ε/V`` everywhere.
+    ``a1 = gs·(ε/V)Σw`` is ``a0 - gy`` formed without the subtraction: the target's element is
+    ``gy·(p_y - 1) + p_y·(a1 + az·lse)``, so a tiny z-loss term is not lost in ``1 + 2c·lse``.
     """
 
     g: Tensor
@@ -216,6 +233,7 @@ class GradTerms:
     az: Tensor | None = None
     gy: Tensor | None = None
     b: Tensor | None = None
+    a1: Tensor | None = None
 
     def rows(self, lo: int, hi: int) -> GradTerms:
         return GradTerms(**{k: (v[lo:hi] if v is not None else None) for k, v in vars(self).items()})
@@ -227,10 +245,11 @@ def grad_terms(g: Tensor, opts: RowOptions, vocab_size: int, *, w_y=None, weight
     eps, c = opts.label_smoothing, opts.z_loss
     gs = g * opts.logit_scale
     gy = gs * (1.0 - eps) * w_y
-    a0 = gy + gs * (eps / vocab_size) * weight_sum if eps != 0.0 else gy
+    a1 = gs * (eps / vocab_size) * weight_sum if eps != 0.0 else None
+    a0 = gy + a1 if a1 is not None else gy
     az = gs * (2.0 * c) * w_y if c != 0.0 else None
     b = gs * (eps / vocab_size) if eps != 0.0 else None
-    return GradTerms(g=g, w_y=w_y, a0=a0, az=az, gy=gy, b=b)
+    return GradTerms(g=g, w_y=w_y, a0=a0, az=az, gy=gy, b=b, a1=a1)
 
 
 def forward_rows(
@@ -246,6 +265,7 @@ def forward_rows(
     grad: GradTerms | None = None,
     grad_out: Tensor | None = None,
     scratch: list[Tensor] | None = None,
+    smooth_weight: Tensor | None = None,
 ) -> None:
     """Fill ``out`` (the rows' :class:`RowSums`) from r full rows ``x`` (r, V); with ``grad``
     also write their gradient ``g_i · ∂ℓ_i/∂x_i`` into ``grad_out`` (r, V), in its dtype.
@@ -254,20 +274,22 @@ def forward_rows(
     itself; ``grad_out`` may be ``x`` too: ``x`` is read in full first). Hard targets pass ``y``,
     soft targets ``soft`` (r, V) probabilities. ``scratch`` holds up to three more (r, V)
     buffers for the options that need them (soft targets, soft cap with gradient, entropy).
+    ``smooth_weight`` is :func:`smoothing_weights` (hard targets with label smoothing).
     """
     scratch = list(scratch or [])
     want_aux = out.p_dot_z is not None
     chain = scratch.pop() if (grad is not None and opts.softcap is not None) else None
     q = _soft_weights(soft, weight, opts, scratch.pop()) if soft is not None else None
 
+    smooth_w = smooth_weight if out.wz is not None else None
     if opts.logit_scale == 1.0 and opts.softcap is None and x.stride(-1) == 1:
         # z = x: the maximum is taken on the input and the shift fused with the conversion (a
         # strided class dim is instead read once, by the copy of scores_into)
-        m = x.amax(-1).to(z.dtype)
+        m, wide = _row_max(x, z.dtype, smooth_w)
         torch.sub(x, m.unsqueeze(-1), out=z)  # z_j - m: every exponent <= 0, one is exactly 0
     else:
         scores_into(z, x, opts, chain)
-        m = z.amax(-1)
+        m, wide = _row_max(z, z.dtype, smooth_w)
         z.sub_(m.unsqueeze(-1))
     out.m.copy_(m)
     if want_aux:
@@ -281,12 +303,13 @@ def forward_rows(
     else:
         torch.gather(z, -1, y.unsqueeze(-1), out=out.z_y.unsqueeze(-1))
         if out.wz is not None:
-            torch.mv(z, weight, out=out.wz) if weight is not None else torch.sum(z, -1, out=out.wz)
+            torch.mv(z, smooth_weight, out=out.wz)
+            _put_wide_rows(out.wz, wide)
 
     e = z
     if want_aux:
         e = torch.exp(z, out=scratch.pop())
-        out.p_dot_z.copy_(rowdot(e, z))
+        out.p_dot_z.copy_(rowdot(e, _finite_floor(z)))
     else:
         e.exp_()
     s = e.sum(-1)
@@ -304,16 +327,72 @@ def forward_rows(
         grad_out.copy_(e)
 
 
+def smoothing_sum_in_halves(scores: Tensor, m: Tensor, w: Tensor) -> Tensor:
+    """``Σ_j w_j (z_j - m)`` of rows of ``scores`` (before ``m`` is taken off) as
+    ``2·Σ_j w_j (z_j/2 - m/2)``: halving is exact and a difference of halves cannot overflow, so
+    the sum is finite wherever it is representable, also for a row that spans more than the
+    float range (a 3e38 and a -3e38 logit), where ``z_j - m`` itself is -inf."""
+    half = scores * 0.5 - (m * 0.5).unsqueeze(-1)
+    return (half @ w) * 2.0
+
+
+def _row_max(scores: Tensor, acc, smooth_weight: Tensor | None):
+    """``(m, wide)``: the row maxima of ``scores`` in ``acc``, and with label smoothing the
+    smoothing sums of the rows wider than the float range (``m - min`` not finite: there
+    ``z_j - m`` is -inf), taken in halves now, before ``m`` is subtracted (:func:`_put_wide_rows`
+    puts them in place). On the CPU the min comes with the max (one pass) and only those rows
+    are summed (finding them is a free host sync there); elsewhere every row is, without a sync.
+    """
+    if smooth_weight is None:
+        return scores.amax(-1).to(acc), None
+    if scores.device.type != "cpu":
+        m = scores.amax(-1).to(acc)
+        return m, (None, smoothing_sum_in_halves(scores.to(acc), m, smooth_weight))
+    low, m = torch.aminmax(scores, dim=-1)
+    m = m.to(acc)
+    rows = (~torch.isfinite(m - low.to(acc))).nonzero().squeeze(-1)
+    if rows.numel() == 0:
+        return m, None
+    return m, (rows, smoothing_sum_in_halves(scores[rows].to(acc), m[rows], smooth_weight))
+
+
+def _put_wide_rows(wz: Tensor, wide) -> None:
+    """Replace the smoothing sums of the rows :func:`_row_max` found too wide."""
+    if wide is None:
+        return
+    rows, sums = wide
+    if rows is None:
+        wz.copy_(torch.where(torch.isfinite(wz), wz, sums))
+    else:
+        wz[rows] = sums
+
+
+def _finite_floor(z: Tensor) -> Tensor:
+    """``z - m`` with -inf raised to the lowest finite value, so that ``e^(z-m)·(z-m)`` is 0, not
+    NaN, where a logit is -inf (a masked class) or a row is wider than the float range."""
+    return z.clamp_(min=torch.finfo(z.dtype).min)
+
+
+def weighted(a: Tensor, v: Tensor) -> Tensor:
+    """``a·v``, exactly 0 where ``a`` is 0 (``v`` may then be infinite)."""
+    return torch.where(a > 0, a * v, torch.zeros_like(v))
+
+
 def _hard_gradient_into(grad_out, e, s, sums: RowSums, t: GradTerms, y) -> None:
     """The common case (hard target, no soft cap, no class-weighted smoothing) in one pass.
 
     ``grad_out = e·a - b`` row by row, with ``a = (a0 + az·lse)/S``, written straight into the
-    output dtype; then the target element, formed in the accumulation dtype from the same
-    ``e_y``, overwrites its slot, so it is rounded once.
+    output dtype; then the target element ``gy·(p_y - 1) + p_y·(a1 + az·lse) - b``, formed in
+    the accumulation dtype, overwrites its slot, so it is rounded once.
     """
-    a = t.a0 if t.az is None else t.a0 + t.az * (sums.m + sums.log_s)
+    lse = sums.m + sums.log_s
+    a = t.a0 if t.az is None else t.a0 + t.az * lse
     a = a / s
-    at_y = e.gather(-1, y.unsqueeze(-1)).squeeze(-1) * a - t.gy
+    p_y = e.gather(-1, y.unsqueeze(-1)).squeeze(-1) / s
+    at_y = t.gy * (p_y - 1.0)  # exactly 0 when p_y = 1 (V = 1)
+    rest = t.a1 if t.az is None else (t.az * lse if t.a1 is None else t.a1 + t.az * lse)
+    if rest is not None:
+        at_y = at_y + p_y * rest
     if t.b is not None:
         at_y = at_y - t.b
         torch.addcmul(t.b.neg().unsqueeze(-1), e, a.unsqueeze(-1), out=grad_out)
@@ -322,14 +401,19 @@ def _hard_gradient_into(grad_out, e, s, sums: RowSums, t: GradTerms, y) -> None:
     grad_out.scatter_(-1, y.unsqueeze(-1), at_y.unsqueeze(-1).to(grad_out.dtype))
 
 
-def _coefficient(w_y, lse, opts: RowOptions, vocab_size: int, weight_sum) -> Tensor:
-    """The factor of softmax_j in ∂ℓ/∂z_j (hard target): (1-ε)w_y + (ε/V)Σw + 2c·w_y·lse."""
+def _coefficient(w_y, lse, opts: RowOptions, vocab_size: int, weight_sum, with_true_class: bool = True):
+    """The factor of softmax_j in ∂ℓ/∂z_j (hard target): (1-ε)w_y + (ε/V)Σw + 2c·w_y·lse.
+
+    Without ``with_true_class``, the terms after the first (None when there are none).
+    """
     eps, c = opts.label_smoothing, opts.z_loss
-    coef = (1.0 - eps) * w_y
+    coef = (1.0 - eps) * w_y if with_true_class else None
     if eps != 0.0:
-        coef = coef + (eps / vocab_size) * weight_sum
+        smooth = (eps / vocab_size) * weight_sum
+        coef = smooth if coef is None else coef + smooth
     if c != 0.0:
-        coef = coef + 2.0 * c * w_y * lse
+        zl = 2.0 * c * w_y * lse
+        coef = zl if coef is None else coef + zl
     return coef
 
 
@@ -339,11 +423,13 @@ class OnlineStats:
     Each :meth:`update` takes the scores of columns ``[col0, col0 + w)`` for every token and
     merges them into the running pair with DESIGN.md §1's rule ``m' = max(m1, m2)``,
     ``S' = S1·e^(m1−m') + S2·e^(m2−m')``, together with the target score, the smoothing sum
-    ``Σ w_j (z_j − m)`` and, for ``return_aux``, the entropy sum and the argmax.
+    ``(ε/V)·Σ w_j (z_j − m)`` (``V`` = ``vocab_size``, the whole vocabulary's) and, for
+    ``return_aux``, the entropy sum and the argmax.
     """
 
-    def __init__(self, opts: RowOptions, *, weight_sum: Tensor, y: Tensor, want_aux: bool):
+    def __init__(self, opts: RowOptions, vocab_size: int, *, weight_sum: Tensor, y: Tensor, want_aux: bool):
         self.opts, self.weight_sum, self.y, self.want_aux = opts, weight_sum, y, want_aux
+        self.smooth_scale = opts.label_smoothing / vocab_size  # ε/V of the whole vocabulary
         self.m = self.s = self.z_y = self.wz = self.w_seen = self.ent = self.best = None
 
     def update(self, z: Tensor, col0: int, weight: Tensor | None, scratch: Tensor | None = None) -> None:
@@ -356,17 +442,23 @@ class OnlineStats:
         local = self.y - col0
         inside = (local >= 0) & (local < width)
         z_y = z.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)  # raw score
-        m_b = z.amax(-1)
+        smooth = self.opts.label_smoothing != 0.0
+        w = None
+        if smooth:  # pre-scaled by ε/V (see smoothing_weights)
+            w = torch.full((width,), self.smooth_scale, dtype=z.dtype, device=z.device)
+            if weight is not None:
+                w = w * weight
+            w_b = w.sum()
+        m_b, wide = _row_max(z, z.dtype, w)
         if self.want_aux:
             best_b = z.argmax(-1) + col0
         z.sub_(m_b.unsqueeze(-1))
-        smooth = self.opts.label_smoothing != 0.0
         if smooth:
-            wz_b = z @ weight if weight is not None else z.sum(-1)
-            w_b = weight.sum() if weight is not None else torch.tensor(float(width), dtype=z.dtype)
+            wz_b = z @ w
+            _put_wide_rows(wz_b, wide)
         if self.want_aux:
             e = torch.exp(z, out=scratch)
-            t_b = rowdot(e, z)
+            t_b = rowdot(e, _finite_floor(z))
         else:
             e = z.exp_()
         s_b = e.sum(-1)
@@ -383,11 +475,13 @@ class OnlineStats:
         d_old, d_new = self.m - m, m_b - m  # <= 0; exactly 0 for the block holding the maximum
         a, b = torch.exp(d_old), torch.exp(d_new)
         if self.want_aux:  # Σ e^(z−m)(z−m) = e^(m_b−m)·(Σ e^(z−m_b)(z−m_b) + (m_b−m)·S_b)
-            self.ent = a * (self.ent + d_old * self.s) + b * (t_b + d_new * s_b)
+            self.ent = weighted(a, self.ent + d_old * self.s) + weighted(b, t_b + d_new * s_b)
             self.best = torch.where(m_b > self.m, best_b, self.best)  # ties keep the first index
         self.s = a * self.s + b * s_b
-        if smooth:  # Σ w_j (z_j − m) = Σ w_j (z_j − m_b) + (m_b − m)·Σ w_j, per block
-            self.wz = self.wz + d_old * self.w_seen + wz_b + d_new * w_b
+        if smooth:  # Σ w_j (z_j − m) = Σ w_j (z_j − m_b) + (m_b − m)·Σ w_j, per block (w pre-scaled);
+            # the differences of maxima in halves, which cannot overflow
+            half_old, half_new = self.m * 0.5 - m * 0.5, m_b * 0.5 - m * 0.5
+            self.wz = self.wz + 2.0 * (half_old * self.w_seen) + wz_b + 2.0 * (half_new * w_b)
             self.w_seen = self.w_seen + w_b
         self.z_y = torch.where(inside, z_y, self.z_y)
         self.m = m
@@ -449,21 +543,33 @@ def _finish_gradient(p, g, lse, opts, vocab_size, col0, weight, weight_sum, y, w
     """
     eps, c, V, width = opts.label_smoothing, opts.z_loss, vocab_size, p.shape[-1]
     if q is not None:
-        coef = q.sum(-1)
+        # (p·Σq - g·q) + p·2c·lse: the z-loss term is added to the cross entropy's, never folded
+        # into the factor Σq + 2c·lse, where a tiny one would round away (V = 1: p = g, q = Σq)
+        coef = q.sum(-1).unsqueeze(-1)
         if c != 0.0:
-            coef = coef + 2.0 * c * lse
-        p.mul_(coef.unsqueeze(-1))
-        p.addcmul_(q, g.unsqueeze(-1), value=-1.0)
+            q.mul_(-g.unsqueeze(-1)).addcmul_(p, coef)
+            p.mul_((2.0 * c * lse).unsqueeze(-1)).add_(q)
+        else:
+            p.mul_(coef).addcmul_(q, g.unsqueeze(-1), value=-1.0)
     else:
-        p.mul_(_coefficient(w_y, lse, opts, V, weight_sum).unsqueeze(-1))
-        # the true class: formed here in the accumulation dtype, rounded once at the end
-        at_y = -(1.0 - eps) * w_y * g
         local = y - col0
+        inside = None
         if col0 != 0 or width != V:
             inside = (local >= 0) & (local < width)
             local = local.clamp(0, width - 1)
-            at_y = torch.where(inside, at_y, torch.zeros_like(at_y))
-        p.scatter_add_(-1, local.unsqueeze(-1), at_y.unsqueeze(-1))
+        local = local.unsqueeze(-1)
+        p_y = p.gather(-1, local).squeeze(-1)  # g·softmax_y
+        coef = _coefficient(w_y, lse, opts, V, weight_sum)
+        p.mul_(coef.unsqueeze(-1))
+        # the true class, formed here in the accumulation dtype and rounded once at the end, as
+        # (1-ε)w_y·(g·p_y - g) + g·p_y·((ε/V)Σw + 2c·w_y·lse): no cancellation in the factor
+        at_y = (1.0 - eps) * w_y * (p_y - g)
+        rest = _coefficient(w_y, lse, opts, V, weight_sum, with_true_class=False)
+        if rest is not None:
+            at_y = at_y + p_y * rest
+        if inside is not None:
+            at_y = torch.where(inside, at_y, p_y * coef)
+        p.scatter_(-1, local, at_y.unsqueeze(-1))
         if eps != 0.0:
             smooth = g * (eps / V)  # pre-scaled by ε/V
             if weight is None:

@@ -77,15 +77,17 @@ _NEG_INF = tl.constexpr(float("-inf"))
 @triton.jit
 def _tanh(a, LIBDEVICE: tl.constexpr):
     """tanh to a few ulps: libdevice on a GPU; in the interpreter (no libdevice there),
-    ``-expm1(-2|a|) / (2 + expm1(-2|a|))`` with Kahan's exact ``expm1(x) = (u-1)·x / log u``."""
+    ``-expm1(-2|a|) / (2 + expm1(-2|a|))`` with ``expm1(x)``: Kahan's exact ``(u-1)·x / log u``
+    near 0, plain ``u - 1`` once ``u = e^x < 1/2`` (no cancellation there; and a subnormal ``u``
+    has too few bits for ``log u`` to be used)."""
     if LIBDEVICE:
         t = libdevice.tanh(a)
     else:
         x = -2.0 * tl.abs(a)
         u = tl.exp(x)
-        safe_u = tl.where((u == 0.0) | (u == 1.0), 0.5, u)
+        safe_u = tl.where((u < 0.5) | (u == 1.0), 0.5, u)
         em1 = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(safe_u))
-        em1 = tl.where(u == 0.0, -1.0, em1)
+        em1 = tl.where(u < 0.5, u - 1.0, em1)
         t = -em1 / (2.0 + em1)
         t = tl.where(a < 0.0, -t, t)
     return t
@@ -145,6 +147,23 @@ def _target_of_row(
 
 
 @triton.jit
+def _hard_coefficients(w_y, lse, w_sum_ptr, V, one_minus_eps, eps_over_v, c, HAS_WEIGHT, HAS_SMOOTH, HAS_ZLOSS):
+    """The two parts of softmax_j's factor in ∂ℓ/∂z_j (hard target): ``(1-ε)·w_y`` and
+    ``(ε/V)·Σw + 2c·w_y·lse``, kept apart so that a tiny z-loss term is not rounded away in
+    their sum before the target's ``(1-ε)·w_y`` is taken off (see ``_gradient_row``)."""
+    rest = tl.full([], 0.0, tl.float32)
+    if HAS_SMOOTH:
+        if HAS_WEIGHT:
+            w_sum = tl.load(w_sum_ptr).to(tl.float32)
+        else:
+            w_sum = V * 1.0
+        rest = rest + eps_over_v * w_sum
+    if HAS_ZLOSS:
+        rest = rest + 2.0 * c * w_y * lse
+    return one_minus_eps * w_y, rest
+
+
+@triton.jit
 def _gradient_row(
     x_row,
     x_cs,
@@ -160,7 +179,7 @@ def _gradient_row(
     log_s,
     g,
     coef,
-    w_y,
+    rest,
     one_minus_eps,
     eps_over_v,
     k,
@@ -179,14 +198,17 @@ def _gradient_row(
     """``g·∂ℓ/∂x`` of one row into ``gx_row`` (DESIGN.md §1, gradients); zeros for an ignored row,
     whose logits are not read.
 
-    hard: ∂ℓ/∂z_j = softmax_j·coef - (1-ε)·w_y·[j=y] - (ε/V)·w_j,  coef = (1-ε)w_y + (ε/V)Σw + 2c·w_y·lse
-    soft: ∂ℓ/∂z_j = softmax_j·coef - w_j·p'_j,                      coef = Σ w_k p'_k + 2c·lse
-    then the chain rule through the soft cap and the scale. ``gx_row`` may be ``x_row`` (in place):
-    every element is read before it is written, by the same program.
+    hard: ∂ℓ/∂z_j = (softmax_j - [j=y])·coef + softmax_j·rest - (ε/V)·w_j,
+          coef = (1-ε)w_y, rest = (ε/V)Σw + 2c·w_y·lse
+    soft: ∂ℓ/∂z_j = (softmax_j·coef - w_j·p'_j) + softmax_j·rest,  coef = Σ w_k p'_k, rest = 2c·lse
+    then the chain rule through the soft cap and the scale. The cross entropy's part and the rest
+    are added, never folded into one factor: at V = 1 (softmax = 1) the first part is exactly 0
+    and the z-loss gradient is exact. ``gx_row`` may be ``x_row`` (in place): every element is
+    read before it is written, by the same program.
     """
     lanes = tl.arange(0, BLOCK_V)
     g_coef = g * coef
-    g_true = g * (one_minus_eps * w_y)
+    g_rest = g * rest
     g_smooth = g * eps_over_v
     for start in range(0, V, BLOCK_V):
         cols = start + lanes
@@ -195,16 +217,15 @@ def _gradient_row(
         x = tl.load(x_row + _offsets(cols, x_cs, X_UNIT), mask=live, other=0.0)
         z, t = _scores(x, s, k, HAS_SCALE, HAS_SOFTCAP, LIBDEVICE)
         p = tl.exp(tl.where(live, (z - base) - log_s, _NEG_INF))  # softmax_j, the seed's order
-        gz = p * g_coef
         if SOFT:
             q = tl.load(t_row + _offsets(cols, t_cs, T_UNIT), mask=mask, other=0.0).to(tl.float32)
             if HAS_SMOOTH:
                 q = q * one_minus_eps + eps_over_v
             if HAS_WEIGHT:
                 q = q * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            gz = gz - g * q
+            gz = (p * coef - q) * g + p * g_rest
         else:
-            gz = gz - tl.where(cols == y, g_true, 0.0)
+            gz = tl.where(cols == y, p - 1.0, p) * g_coef + p * g_rest
             if HAS_SMOOTH:
                 if HAS_WEIGHT:
                     gz = gz - g_smooth * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -278,8 +299,8 @@ def _forward_kernel(
     base = tl.full([], 0.0, tl.float32)  # m where finite, else 0: the base of every running sum
     sum_e = tl.full([], 0.0, tl.float32)  # S = Σ exp(z_j - base)
     sum_ez = tl.full([], 0.0, tl.float32)  # Σ exp(z_j - base)·(z_j - base)        (entropy)
-    sum_wz = tl.full([], 0.0, tl.float32)  # Σ w_j (z_j - base)  or  Σ q_j (z_j - base)  (q = w p')
-    sum_w = tl.full([], 0.0, tl.float32)  # Σ w_j  or  Σ q_j over the columns seen so far
+    sum_wz = tl.full([], 0.0, tl.float32)  # (ε/V)·Σ w_j (z_j - base)/2  or  Σ q_j (z_j - base)  (q = w p')
+    sum_w = tl.full([], 0.0, tl.float32)  # (ε/V)·Σ w_j  or  Σ q_j over the columns seen so far
     best_i = tl.full([], 0, tl.int32)  # argmax of z (first on ties, as torch.argmax)
     p_best = tl.full([], _NEG_INF, tl.float32)  # soft targets: max and argmax of p
     p_best_i = tl.full([], 0, tl.int32)
@@ -299,7 +320,8 @@ def _forward_kernel(
         zs = z - base_new
         e = tl.exp(zs)  # masked lanes: exp(-inf) = 0
         if WANT_AUX:
-            sum_ez = alpha * (sum_ez + shift * sum_e) + tl.sum(e * tl.where(e > 0.0, zs, 0.0), 0)
+            rebased = tl.where(alpha > 0.0, alpha * (sum_ez + shift * sum_e), 0.0)  # shift may be -inf
+            sum_ez = rebased + tl.sum(e * tl.where(e > 0.0, zs, 0.0), 0)
         sum_e = alpha * sum_e + tl.sum(e, 0)
         if SOFT:
             p = tl.load(t_row + _offsets(cols, t_cs, T_UNIT), mask=mask, other=0.0).to(tl.float32)
@@ -317,11 +339,15 @@ def _forward_kernel(
             sum_wz = sum_wz + shift * sum_w + tl.sum(q * tl.where(mask, zs, 0.0), 0)
             sum_w = sum_w + tl.sum(q, 0)
         elif HAS_SMOOTH:
+            # weights pre-scaled by ε/V, and the sum kept in halves (z/2 - base/2 is exact and
+            # cannot overflow): Σ w_j (z_j - m) is then finite wherever the loss is, also for a
+            # row spanning more than the float range, where z_j - m itself is -inf
             if HAS_WEIGHT:
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * eps_over_v
             else:
-                w = tl.where(mask, 1.0, 0.0)
-            sum_wz = sum_wz + shift * sum_w + tl.sum(w * tl.where(mask, zs, 0.0), 0)
+                w = tl.where(mask, eps_over_v, 0.0)
+            zs_half = tl.where(mask, z * 0.5 - base_new * 0.5, 0.0)
+            sum_wz = sum_wz + (base * 0.5 - base_new * 0.5) * sum_w + tl.sum(w * zs_half, 0)
             sum_w = sum_w + tl.sum(w, 0)
         m = m_new
         base = base_new
@@ -337,29 +363,24 @@ def _forward_kernel(
         if HAS_ZLOSS:
             zl = c * lse * lse
         coef = sum_w
+        rest = 0.0
         if HAS_ZLOSS:
-            coef = coef + 2.0 * c * lse
+            rest = 2.0 * c * lse
     else:
         x_y = tl.load(x_row + y * x_cs, mask=keep, other=0.0)
         z_y, _ty = _scores(x_y, s, k, HAS_SCALE, HAS_SOFTCAP, LIBDEVICE)
         log_p_y = (z_y - base) - log_s  # (z_y - m) - log S, the seed's order
         ce = -one_minus_eps * w_y * log_p_y
-        if HAS_WEIGHT:
-            w_sum = tl.load(w_sum_ptr).to(tl.float32)
-        else:
-            w_sum = V * 1.0
-        if HAS_SMOOTH:
-            ce = ce - eps_over_v * (sum_wz - log_s * w_sum)
+        if HAS_SMOOTH:  # sum_w = (ε/V)·Σw: the whole row was seen; sum_wz is in halves
+            ce = ce - (2.0 * sum_wz - log_s * sum_w)
         zl = 0.0
         if HAS_ZLOSS:
             zl = c * w_y * lse * lse
         ce = tl.where(keep, ce, 0.0)  # an ignored token is exactly 0, whatever its logits
         zl = tl.where(keep, zl, 0.0)
-        coef = one_minus_eps * w_y
-        if HAS_SMOOTH:
-            coef = coef + eps_over_v * w_sum
-        if HAS_ZLOSS:
-            coef = coef + 2.0 * c * w_y * lse
+        coef, rest = _hard_coefficients(
+            w_y, lse, w_sum_ptr, V, one_minus_eps, eps_over_v, c, HAS_WEIGHT, HAS_SMOOTH, HAS_ZLOSS
+        )
     tl.store(loss_ptr + row, ce + zl)
     if SOFT or WANT_AUX:
         tl.store(m_ptr + row, m)
@@ -395,7 +416,7 @@ def _forward_kernel(
             log_s,
             g,
             coef,
-            w_y,
+            rest,
             one_minus_eps,
             eps_over_v,
             k,
@@ -472,18 +493,13 @@ def _backward_kernel(
             if HAS_WEIGHT:
                 q = q * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             coef = coef + tl.sum(tl.where(mask, q, 0.0), 0)
+        rest = 0.0
         if HAS_ZLOSS:
-            coef = coef + 2.0 * c * lse
+            rest = 2.0 * c * lse
     else:
-        coef = one_minus_eps * w_y
-        if HAS_SMOOTH:
-            if HAS_WEIGHT:
-                w_sum = tl.load(w_sum_ptr).to(tl.float32)
-            else:
-                w_sum = V * 1.0
-            coef = coef + eps_over_v * w_sum
-        if HAS_ZLOSS:
-            coef = coef + 2.0 * c * w_y * lse
+        coef, rest = _hard_coefficients(
+            w_y, lse, w_sum_ptr, V, one_minus_eps, eps_over_v, c, HAS_WEIGHT, HAS_SMOOTH, HAS_ZLOSS
+        )
     _gradient_row(
         x_row,
         x_cs,
@@ -499,7 +515,7 @@ def _backward_kernel(
         log_s,
         g,
         coef,
-        w_y,
+        rest,
         one_minus_eps,
         eps_over_v,
         k,

@@ -75,6 +75,7 @@ from .cross_entropy import (
     _class_weights,
     _forward_kernel,
     _gradient_row,
+    _hard_coefficients,
     _hard_rows,
     _num_warps,
     _offsets,
@@ -87,7 +88,7 @@ from .cross_entropy import (
 #: Most tokens per chunk of the "token" schedule (the memory budget usually binds first).
 MAX_TOKEN_ROWS = 8192
 
-#: Columns of the running state of the "vocab" schedule: m, S, Σe(z-m), Σw(z-m), Σw, z_y.
+#: Columns of the running state of the "vocab" schedule: m, S, Σe(z-m), (ε/V)Σw(z-m)/2, (ε/V)Σw, z_y.
 STATE_COLUMNS = 6
 
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -142,8 +143,8 @@ def _block_stats_kernel(
     m = tl.load(st)
     sum_e = tl.load(st + 1)  # S = Σ exp(z_j - base)
     sum_ez = tl.load(st + 2)  # Σ exp(z_j - base)·(z_j - base)   (entropy)
-    sum_wz = tl.load(st + 3)  # Σ w_j (z_j - base)               (smoothing)
-    sum_w = tl.load(st + 4)  # Σ w_j over the columns seen so far
+    sum_wz = tl.load(st + 3)  # (ε/V)·Σ w_j (z_j - base)/2, in halves (smoothing)
+    sum_w = tl.load(st + 4)  # (ε/V)·Σ w_j over the columns seen so far
     z_y = tl.load(st + 5)  # the target's score, once its block was seen
     base = tl.where(m == _NEG_INF, 0.0, m)
     if WANT_AUX:
@@ -167,14 +168,16 @@ def _block_stats_kernel(
         zs = z - base_new
         e = tl.exp(zs)  # masked lanes: exp(-inf) = 0
         if WANT_AUX:
-            sum_ez = alpha * (sum_ez + shift * sum_e) + tl.sum(e * tl.where(e > 0.0, zs, 0.0), 0)
+            rebased = tl.where(alpha > 0.0, alpha * (sum_ez + shift * sum_e), 0.0)  # shift may be -inf
+            sum_ez = rebased + tl.sum(e * tl.where(e > 0.0, zs, 0.0), 0)
         sum_e = alpha * sum_e + tl.sum(e, 0)
-        if HAS_SMOOTH:
+        if HAS_SMOOTH:  # weights pre-scaled by ε/V, as in cross_entropy._forward_kernel
             if HAS_WEIGHT:
-                w = tl.load(w_ptr + col0 + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + col0 + cols, mask=mask, other=0.0).to(tl.float32) * eps_over_v
             else:
-                w = tl.where(mask, 1.0, 0.0)
-            sum_wz = sum_wz + shift * sum_w + tl.sum(w * tl.where(mask, zs, 0.0), 0)
+                w = tl.where(mask, eps_over_v, 0.0)
+            zs_half = tl.where(mask, z * 0.5 - base_new * 0.5, 0.0)  # as cross_entropy._forward_kernel
+            sum_wz = sum_wz + (base * 0.5 - base_new * 0.5) * sum_w + tl.sum(w * zs_half, 0)
             sum_w = sum_w + tl.sum(w, 0)
         m = m_new
         base = base_new
@@ -232,9 +235,9 @@ def _block_gradient_kernel(
     """One program per token: ``g·∂ℓ/∂x`` of the columns ``[col0, col0 + width)`` of a row of V
     classes (hard target), from the saved ``(m, log S)``; ``gx`` may be ``x`` (in place).
 
-    ``∂ℓ/∂z_j = softmax_j·coef - (1-ε)·w_y·[j=y] - (ε/V)·w_j`` with
-    ``coef = (1-ε)w_y + (ε/V)Σw + 2c·w_y·lse``: the row part of ``cross_entropy._gradient_row``
-    applied to the block, with the target and the class weights shifted by ``col0``.
+    ``∂ℓ/∂z_j = (softmax_j - [j=y])·(1-ε)w_y + softmax_j·((ε/V)Σw + 2c·w_y·lse) - (ε/V)·w_j``:
+    the row part of ``cross_entropy._gradient_row`` applied to the block, with the target and
+    the class weights shifted by ``col0``.
     """
     row = tl.program_id(0).to(tl.int64)
     t_row = t_ptr + row * t_rs
@@ -244,15 +247,9 @@ def _block_gradient_kernel(
     log_s = tl.load(log_s_ptr + row).to(tl.float32)
     lse = base + log_s
     g = tl.load(g_ptr + row * g_stride).to(tl.float32)
-    coef = one_minus_eps * w_y
-    if HAS_SMOOTH:
-        if HAS_WEIGHT:
-            w_sum = tl.load(w_sum_ptr).to(tl.float32)
-        else:
-            w_sum = V * 1.0
-        coef = coef + eps_over_v * w_sum
-    if HAS_ZLOSS:
-        coef = coef + 2.0 * c * w_y * lse
+    coef, rest = _hard_coefficients(
+        w_y, lse, w_sum_ptr, V, one_minus_eps, eps_over_v, c, HAS_WEIGHT, HAS_SMOOTH, HAS_ZLOSS
+    )
     _gradient_row(
         x_ptr + row * x_rs,
         x_cs,
@@ -268,7 +265,7 @@ def _block_gradient_kernel(
         log_s,
         g,
         coef,
-        w_y,
+        rest,
         one_minus_eps,
         eps_over_v,
         k,
@@ -602,7 +599,7 @@ def _finish_state(p: _Problem, state: Tensor, best: Tensor, want_aux: bool):
         m=m,
         log_s=log_s,
         z_y=state[:, 5] - base,
-        wz=state[:, 3] if opts.label_smoothing != 0.0 else None,
+        wz=2.0 * state[:, 3] if opts.label_smoothing != 0.0 else None,  # kept in halves
     )
     if want_aux:
         sums.p_dot_z = state[:, 2] / s
