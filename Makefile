@@ -25,7 +25,9 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not bigmem" $(PYTEST_ARGS)
 	$(PY) -m pytest -m bigmem $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
+# The suite (tables, CSV, plots, its section of benchmarks/RESULTS.md), then the detailed scripts.
 bench: $(STAMP)
+	$(VENV)/bin/crossent bench
 	$(PY) benchmarks/bench_cross_entropy.py
 	$(PY) benchmarks/bench_linear_cross_entropy.py
 

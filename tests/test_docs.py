@@ -26,6 +26,8 @@ PUBLIC_MODULES = [
     "crossent.reference",
     "crossent.distributed",
     "crossent.transformers",
+    "crossent.bench",
+    "crossent.measure",
 ]
 
 #: The pages every newcomer is pointed to; the first two must teach by running examples.

@@ -1,7 +1,8 @@
-"""The ``crossent`` command: ``crossent explain`` and ``crossent demo``.
+"""The ``crossent`` command: ``crossent explain``, ``crossent demo`` and ``crossent bench``.
 
 crossent explain [--logits JSON|FILE] [--targets JSON|FILE]
 crossent demo
+crossent bench [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    sweep = bench.SWEEPS[args.sweep] if args.sweep else None
+    bench.bench(quick=args.quick, out=args.out, sweep=sweep, progress=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crossent", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +68,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("demo", help="the walkthrough, the stability table and the memory demo")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser(
+        "bench",
+        help="time and memory against F.cross_entropy, torch.compile and the matmul floor: tables, CSV, plots",
+        description="Run the benchmark suite on the CPU: crossent's cross_entropy and linear_cross_entropy "
+        "beside F.cross_entropy (eager and torch.compile), the three bare matmuls of the fused loss, and "
+        "liger_kernel / cut_cross_entropy where installed. Prints time and memory ratios; writes a CSV and "
+        "PNG plots (matplotlib: pip install crossent[plot]), and the suite section of benchmarks/RESULTS.md "
+        "when DIR is a checkout's benchmarks/results.",
+    )
+    p.add_argument("--quick", action="store_true", help="small sweeps, one timed round (under two minutes on 2 cores)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder (default: benchmarks/results when ./benchmarks exists, else ./crossent-bench)",
+    )
+    p.add_argument("--sweep", choices=("quick", "full", "tiny"), help=argparse.SUPPRESS)  # "tiny": for the tests
+    p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

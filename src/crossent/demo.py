@@ -122,7 +122,7 @@ def run_demo() -> int:
     print()
     memory_demo()
     print(
-        "\nNext: README.md shows the Python API and the recipes; `make bench` measures time and"
-        "\nmemory against F.cross_entropy and torch.compile (benchmarks/RESULTS.md)."
+        "\nNext: run `crossent bench --quick` for the measured tables and plots (time and memory against"
+        "\nF.cross_entropy, torch.compile and the matmul floor), and read docs/guide.md for the API."
     )
     return 0
