@@ -4,6 +4,7 @@ Cross-Entropy's CPU path and the floor of three bare matrix products.
     python benchmarks/bench_linear_cross_entropy.py              # the shapes of issue 4 (long on a CPU)
     python benchmarks/bench_linear_cross_entropy.py --quick      # small shapes, about a minute
     python benchmarks/bench_linear_cross_entropy.py --table1-tokens 128   # a shorter Table-1 run
+    python benchmarks/bench_linear_cross_entropy.py --table1-dim 32       # Table 1 with a small D (see below)
 
 For each workload every method runs forward + backward on fresh inputs (``hidden`` (N, D) and the
 classifier ``weight`` (V, D) both requiring grad, hard targets, ``reduction="mean"``):
@@ -20,7 +21,10 @@ Memory overhead is the resident high-water mark of forward+backward minus the re
 it, minus the bytes of the gradients of ``hidden`` and ``weight`` (which every method must produce):
 what a method holds beyond its inputs and their gradients. Workloads: (N=2048, D=512, V=128256)
 float32 at N and 2N, and the Cut Cross-Entropy paper's Table 1 (Gemma 2 2B head: D=2304, V=256000,
-bfloat16) at N=1024 tokens.
+bfloat16) at N=1024 tokens. On a CPU without bfloat16 matrix units eager bfloat16 products run at
+about 1.3 GFLOP/s (one Table-1 call takes ~45 minutes on the 2-core CI machine): ``--table1-dim``
+shrinks D for such machines. Eager's overhead is the (N, V) logits, their float32 copy and softmax,
+which do not depend on D; crossent's grows with D only by its float32 copies of hidden and ∂hidden.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import crossent  # noqa: E402
+from crossent.bench import MatmulFloor  # noqa: E402  (the floor of crossent bench, the same products)
 
 FLOOR = "floor (3 products)"
 EAGER = "eager F.cross_entropy((h @ W.T).float())"
@@ -45,7 +50,7 @@ VOCAB = "crossent vocab"
 CCE = "CCE torch_compile"
 
 
-def workloads(quick: bool, table1_tokens: int) -> list[tuple[str, int, int, int, torch.dtype]]:
+def workloads(quick: bool, table1_tokens: int, table1_dim: int = 2304) -> list[tuple[str, int, int, int, torch.dtype]]:
     if quick:
         return [
             ("quick f32", 256, 256, 32000, torch.float32),
@@ -55,7 +60,7 @@ def workloads(quick: bool, table1_tokens: int) -> list[tuple[str, int, int, int,
     return [
         ("N=2048 f32", 2048, 512, 128256, torch.float32),
         ("2N=4096 f32", 4096, 512, 128256, torch.float32),
-        (f"Table 1 bf16 (N={table1_tokens})", table1_tokens, 2304, 256000, torch.bfloat16),
+        (f"Table 1 bf16 (N={table1_tokens}, D={table1_dim})", table1_tokens, table1_dim, 256000, torch.bfloat16),
     ]
 
 
@@ -64,7 +69,7 @@ def methods(dtype: torch.dtype) -> dict:
         return F.cross_entropy((h @ w.T).float(), t)
 
     def floor(h, w, t):
-        return _Floor.apply(h, w)
+        return MatmulFloor.apply(h, w)
 
     compiled = torch.compile(eager, dynamic=False)
     out = {
@@ -83,23 +88,6 @@ def methods(dtype: torch.dtype) -> dict:
     return out
 
 
-class _Floor(torch.autograd.Function):
-    """The three products of a fused loss and nothing else: logits = h·Wᵀ (forward), then
-    ∂h = G·W and ∂W = Gᵀ·h with G of the logits' shape (backward; G is the logits themselves, so no
-    softmax work is counted)."""
-
-    @staticmethod
-    def forward(ctx, h, w):
-        logits = h @ w.T
-        ctx.save_for_backward(h, w, logits)
-        return logits.sum() * 0
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, w, logits = ctx.saved_tensors
-        return logits @ w, logits.T @ h
-
-
 def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
 
@@ -112,9 +100,9 @@ def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, seed: int = 0):
     return make
 
 
-def run(quick: bool, repeats: int, table1_tokens: int) -> list[dict]:
+def run(quick: bool, repeats: int, table1_tokens: int, table1_dim: int = 2304) -> list[dict]:
     rows = []
-    for name, n, d, v, dtype in workloads(quick, table1_tokens):
+    for name, n, d, v, dtype in workloads(quick, table1_tokens, table1_dim):
         make = make_inputs(n, d, v, dtype)
         fns = methods(dtype)
         trials = {m: common.fwd_bwd_trial(make, lambda x, fn=fn: fn(*x)) for m, fn in fns.items()}
@@ -177,22 +165,77 @@ def table(rows: list[dict]) -> str:
     return body
 
 
-def main(quick: bool = False, repeats: int = 3, table1_tokens: int = 1024) -> list[dict]:
+def target_lines(rows: list[dict]) -> list[str]:
+    """Issue 4's targets, met or not, for the schedule that ``schedule="auto"`` takes."""
+    from crossent.torch_impl.linear_cross_entropy import choose_schedule
+
+    def row(workload: str, method: str) -> dict:
+        return next(r for r in rows if r["workload"] == workload and r["method"] == method)
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    lines = []
+    f32 = [r for r in rows if r["dtype"] == "float32" and r["method"] == FLOOR]
+    bf16 = [r for r in rows if r["dtype"] == "bfloat16" and r["method"] == FLOOR]
+    if len(f32) == 2:
+        (n1, n2) = sorted(f32, key=lambda r: r["N"])
+        for method in (TOKEN, VOCAB):
+            a, b = row(n1["workload"], method), row(n2["workload"], method)
+            floor_ok, eager_ok = verdict(a["vs_floor"] <= 1.10), verdict(a["speedup_vs_eager"] >= 1.25)
+            lines.append(
+                f"- float32 N={a['N']}, {method}: {a['vs_floor']:.2f}× the floor (≤ 1.10×: {floor_ok}); "
+                f"{a['speedup_vs_eager']:.2f}× faster than eager (≥ 1.25×: {eager_ok}); "
+                f"overhead {a['overhead_vs_eager'] * 100:.1f}% of eager's "
+                f"(≤ 5%: {verdict(a['overhead_vs_eager'] <= 0.05)}), "
+                f"{a['overhead_bytes'] / 2**20:.0f} MiB at N and {b['overhead_bytes'] / 2**20:.0f} MiB at 2N "
+                f"(no larger: {verdict(b['overhead_bytes'] <= a['overhead_bytes'] * 1.05)})"
+            )
+        if not any(r["method"] == CCE for r in rows):
+            lines.append("- Cut Cross-Entropy's CPU path: not installed here (the `bench` extra), so not compared")
+    for floor in bf16:
+        for method in (TOKEN, VOCAB):
+            a = row(floor["workload"], method)
+            autos = [  # where "auto" takes this schedule: at the run's D, and at Table 1's real D
+                f"D={d}"
+                for d in sorted({floor["D"], 2304})
+                if choose_schedule("auto", floor["V"], d, torch.empty(0, dtype=torch.bfloat16), True)
+                == method.split()[-1]
+            ]
+            auto = f' ("auto" takes it at {" and ".join(autos)})' if autos else ""
+            time_vs_eager = 1 / a["speedup_vs_eager"]
+            lines.append(
+                f"- {floor['workload']}, {method}{auto}: overhead {a['overhead_vs_eager'] * 100:.1f}% of eager's "
+                f"(≤ 25%: {verdict(a['overhead_vs_eager'] <= 0.25)}); time {time_vs_eager:.2f}× eager's "
+                f"(≤ 1.15×: {verdict(time_vs_eager <= 1.15)})"
+            )
+    return lines
+
+
+def main(quick: bool = False, repeats: int = 3, table1_tokens: int = 1024, table1_dim: int = 2304) -> list[dict]:
     torch.manual_seed(0)
-    rows = run(quick, repeats, table1_tokens)
+    rows = run(quick, repeats, table1_tokens, table1_dim)
     name = "linear_cross_entropy_quick" if quick else "linear_cross_entropy"
     common.write_csv(name, rows)
     title = "## `crossent.linear_cross_entropy` against eager PyTorch and the floor"
+    flags = (" --quick" if quick else "") + (f" --repeats {repeats}" if repeats != 3 else "")
+    flags += f" --table1-tokens {table1_tokens}" if table1_tokens != 1024 and not quick else ""
+    flags += f" --table1-dim {table1_dim}" if table1_dim != 2304 and not quick else ""
+    targets = target_lines(rows)
     intro = (
         f"{title}{' (quick shapes)' if quick else ''}\n\n"
         f"Machine: {common.machine_line()}.\n"
-        f"Command: `python benchmarks/bench_linear_cross_entropy.py{' --quick' if quick else ''}`; "
+        f"Command: `python benchmarks/bench_linear_cross_entropy.py{flags}`; "
         f"medians of {repeats} round-robin rounds. Time of forward+backward as a multiple of the three bare "
         "products (floor) and as a speed-up over eager `F.cross_entropy((h @ W.T).float(), t)`; memory "
         "overhead = peak extra resident memory of forward+backward minus the gradients of hidden and weight. "
         "Absolute CPU times are in the CSV only.\n"
     )
-    common.write_section(name, intro + "\n" + table(rows))
+    body = intro + "\n" + table(rows)
+    if targets:
+        body += "\n\nTargets of issue 4:\n\n" + "\n".join(targets)
+    common.write_section(name, body)
+    print("\n".join(targets))
     return rows
 
 
@@ -201,5 +244,11 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--table1-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--table1-dim",
+        type=int,
+        default=2304,
+        help="hidden size of the Table-1 workload (2304; a smaller one when eager bfloat16 products are too slow)",
+    )
     args = parser.parse_args()
-    main(args.quick, args.repeats, args.table1_tokens)
+    main(args.quick, args.repeats, args.table1_tokens, args.table1_dim)

@@ -162,7 +162,7 @@ class SuiteResult:
 # --------------------------------------------------------------------------------------------
 
 
-class _Floor(torch.autograd.Function):
+class MatmulFloor(torch.autograd.Function):
     """Exactly the three products of a fused loss: logits = h·Wᵀ in the forward; ∂h = G·W and
     ∂W = Gᵀ·h in the backward, with G the logits themselves (so no softmax work is counted)."""
 
@@ -217,7 +217,7 @@ def _ce_methods(sweep: Sweep, device: torch.device) -> tuple[dict[str, LossFn], 
 
 def _linear_methods(device: torch.device) -> tuple[dict[str, LossFn], list[tuple[str, str]]]:
     methods: dict[str, LossFn] = {
-        FLOOR: lambda h, w, t: _Floor.apply(h, w),
+        FLOOR: lambda h, w, t: MatmulFloor.apply(h, w),
         LINEAR_CROSSENT: lambda h, w, t: linear_cross_entropy(h, w, t),
         LINEAR_EAGER: lambda h, w, t: F.cross_entropy((h @ w.T).float(), t),
     }

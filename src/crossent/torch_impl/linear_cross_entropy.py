@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..options import get_memory_budget, rows_per_chunk
-from .cross_entropy import AUX_COLUMNS, scale_saved_gradient
+from .cross_entropy import AUX_COLUMNS, CHUNK_ELEMENTS, scale_saved_gradient
 from .rows import (
     OnlineStats,
     RowOptions,
@@ -201,6 +201,15 @@ class _Gradients:
         return out(grad_h, hidden_dtype), out(self.w, weight_dtype), out(self.b, bias_dtype)
 
 
+def _cache_blocks(lo: int, hi: int, vocab_size: int):
+    """Sub-ranges of the token chunk ``[lo, hi)`` of at most ``CHUNK_ELEMENTS`` logits each: the
+    products take the whole chunk (large products are efficient), the row math a block that
+    stays in the caches across its passes (the whole chunk, up to the budget, would not)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, vocab_size))
+    for a in range(lo, hi, step):
+        yield a, min(hi, a + step)
+
+
 def _token_forward(p: _Problem, g: Tensor | None, grads: _Gradients | None, chunk: int, want_aux: bool):
     """Token-outer forward; with ``g`` also the gradients (three products)."""
     n, V, acc, opts, t = p.n, p.V, p.acc, p.opts, p.terms
@@ -216,19 +225,21 @@ def _token_forward(p: _Problem, g: Tensor | None, grads: _Gradients | None, chun
         hi = min(n, lo + rows)
         h = p.h_rows(lo, hi)
         z = p.scores(h, 0, V, z_full[: hi - lo], w_acc)
-        forward_rows(
-            z,
-            z,
-            opts,
-            sums.rows(lo, hi),
-            weight=p.cw,
-            weight_sum=p.w_sum,
-            y=t.y[lo:hi],
-            grad=gterms.rows(lo, hi) if g is not None else None,
-            grad_out=z,
-            scratch=[b[: hi - lo] for b in scratch_full],
-            smooth_weight=smooth_w,
-        )
+        for a, b in _cache_blocks(lo, hi, V):
+            block = z[a - lo : b - lo]
+            forward_rows(
+                block,
+                block,
+                opts,
+                sums.rows(a, b),
+                weight=p.cw,
+                weight_sum=p.w_sum,
+                y=t.y[a:b],
+                grad=gterms.rows(a, b) if g is not None else None,
+                grad_out=block,
+                scratch=[buf[: b - a] for buf in scratch_full],
+                smooth_weight=smooth_w,
+            )
         if g is not None:
             _accumulate_token_chunk(grads, z, h, w_acc, lo, hi)
     return _rows_result(
@@ -282,20 +293,22 @@ def _gradient_pass(p: _Problem, schedule: str, chunk: int, m: Tensor, log_s: Ten
             hi = min(n, lo + rows)
             h = p.h_rows(lo, hi)
             z = p.scores(h, 0, V, z_full[: hi - lo], w_acc)
-            backward_rows(
-                z,
-                z,
-                opts,
-                m=m[lo:hi],
-                log_s=log_s[lo:hi],
-                g=g[lo:hi],
-                grad_out=z,
-                weight=p.cw,
-                weight_sum=p.w_sum,
-                y=t.y[lo:hi],
-                w_y=t.w_y[lo:hi],
-                scratch=[b[: hi - lo] for b in scratch_full],
-            )
+            for a, b in _cache_blocks(lo, hi, V):
+                block = z[a - lo : b - lo]
+                backward_rows(
+                    block,
+                    block,
+                    opts,
+                    m=m[a:b],
+                    log_s=log_s[a:b],
+                    g=g[a:b],
+                    grad_out=block,
+                    weight=p.cw,
+                    weight_sum=p.w_sum,
+                    y=t.y[a:b],
+                    w_y=t.w_y[a:b],
+                    scratch=[buf[: b - a] for buf in scratch_full],
+                )
             _accumulate_token_chunk(grads, z, h, w_acc, lo, hi)
         return
     cols = max(1, min(chunk, V))
