@@ -374,8 +374,8 @@ def _finite_floor(z: Tensor) -> Tensor:
 
 
 def weighted(a: Tensor, v: Tensor) -> Tensor:
-    """``a·v``, exactly 0 where ``a`` is 0 (``v`` may then be infinite)."""
-    return torch.where(a > 0, a * v, torch.zeros_like(v))
+    """``a·v``, exactly 0 where ``a`` is 0 (``v`` may then be infinite; a NaN stays NaN)."""
+    return torch.where(a == 0, torch.zeros_like(v), a * v)
 
 
 def _hard_gradient_into(grad_out, e, s, sums: RowSums, t: GradTerms, y) -> None:

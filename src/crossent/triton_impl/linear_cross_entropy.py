@@ -168,7 +168,7 @@ def _block_stats_kernel(
         zs = z - base_new
         e = tl.exp(zs)  # masked lanes: exp(-inf) = 0
         if WANT_AUX:
-            rebased = tl.where(alpha > 0.0, alpha * (sum_ez + shift * sum_e), 0.0)  # shift may be -inf
+            rebased = tl.where(alpha == 0.0, 0.0, alpha * (sum_ez + shift * sum_e))  # shift may be -inf
             sum_ez = rebased + tl.sum(e * tl.where(e > 0.0, zs, 0.0), 0)
         sum_e = alpha * sum_e + tl.sum(e, 0)
         if HAS_SMOOTH:  # weights pre-scaled by ε/V, as in cross_entropy._forward_kernel
