@@ -201,11 +201,12 @@ class _Gradients:
         return out(grad_h, hidden_dtype), out(self.w, weight_dtype), out(self.b, bias_dtype)
 
 
-def _cache_blocks(lo: int, hi: int, vocab_size: int):
-    """Sub-ranges of the token chunk ``[lo, hi)`` of at most ``CHUNK_ELEMENTS`` logits each: the
-    products take the whole chunk (large products are efficient), the row math a block that
-    stays in the caches across its passes (the whole chunk, up to the budget, would not)."""
-    step = max(1, CHUNK_ELEMENTS // max(1, vocab_size))
+def _cache_blocks(lo: int, hi: int, width: int):
+    """Sub-ranges of the tokens ``[lo, hi)`` of a chunk of logits ``width`` columns wide, of at
+    most ``CHUNK_ELEMENTS`` logits each: the products take the whole chunk (large products are
+    efficient), the row math a block that stays in the caches across its passes (the whole chunk,
+    up to the budget, would not)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, width))
     for a in range(lo, hi, step):
         yield a, min(hi, a + step)
 
@@ -320,22 +321,24 @@ def _gradient_pass(p: _Problem, schedule: str, chunk: int, m: Tensor, log_s: Ten
         z = z_full[:, :w] if w < cols else z_full
         w_acc = p.weight_slice(lo, hi)
         p.scores(p.h_all, lo, hi, z, w_acc)
-        backward_rows(
-            z,
-            z,
-            opts,
-            m=m,
-            log_s=log_s,
-            g=g,
-            grad_out=z,
-            weight=p.cw[lo:hi] if p.cw is not None else None,
-            weight_sum=p.w_sum,
-            y=t.y,
-            w_y=t.w_y,
-            scratch=[b[:, :w] for b in scratch_full],
-            col0=lo,
-            vocab_size=V,
-        )
+        for a, b in _cache_blocks(0, n, w):  # all tokens, a cache-sized block of them at a time
+            block = z[a:b]
+            backward_rows(
+                block,
+                block,
+                opts,
+                m=m[a:b],
+                log_s=log_s[a:b],
+                g=g[a:b],
+                grad_out=block,
+                weight=p.cw[lo:hi] if p.cw is not None else None,
+                weight_sum=p.w_sum,
+                y=t.y[a:b],
+                w_y=t.w_y[a:b],
+                scratch=[buf[a:b, :w] for buf in scratch_full],
+                col0=lo,
+                vocab_size=V,
+            )
         if grads.w is not None:  # this chunk's rows, accumulated in the product, rounded once
             if grads.w.dtype == acc:
                 torch.mm(z.T, p.h_all, out=grads.w[lo:hi])
