@@ -281,9 +281,34 @@ def _vocab_forward(p: _Problem, chunk: int, want_aux: bool):
     return _rows_result(p, stats.finish(V, t.w_y, t.keep), want_aux)
 
 
+def _gradient_in_blocks(p: _Problem, z: Tensor, row0: int, col0: int, m, log_s, g, scratch_full) -> None:
+    """``g·∂ℓ/∂z`` in place for the logits ``z`` of the kept tokens ``[row0, row0 + len(z))`` and
+    the classes ``[col0, col0 + width)``, a cache-sized block of tokens at a time (both schedules)."""
+    t, width = p.terms, z.shape[-1]
+    weight = p.cw[col0 : col0 + width] if p.cw is not None else None
+    for a, b in _cache_blocks(row0, row0 + z.shape[0], width):
+        block = z[a - row0 : b - row0]
+        backward_rows(
+            block,
+            block,
+            p.opts,
+            m=m[a:b],
+            log_s=log_s[a:b],
+            g=g[a:b],
+            grad_out=block,
+            weight=weight,
+            weight_sum=p.w_sum,
+            y=t.y[a:b],
+            w_y=t.w_y[a:b],
+            scratch=[buf[a - row0 : b - row0, :width] for buf in scratch_full],
+            col0=col0,
+            vocab_size=p.V,
+        )
+
+
 def _gradient_pass(p: _Problem, schedule: str, chunk: int, m: Tensor, log_s: Tensor, g: Tensor, grads: _Gradients):
     """Recompute the logits chunk by chunk and turn them into the gradients (from the saved pair)."""
-    n, V, acc, opts, t = p.n, p.V, p.acc, p.opts, p.terms
+    n, V, acc, opts = p.n, p.V, p.acc, p.opts
     n_scratch = _scratch_count(opts.softcap is not None, True, False)
     if schedule == "token":
         rows = max(1, min(chunk, n))
@@ -294,22 +319,7 @@ def _gradient_pass(p: _Problem, schedule: str, chunk: int, m: Tensor, log_s: Ten
             hi = min(n, lo + rows)
             h = p.h_rows(lo, hi)
             z = p.scores(h, 0, V, z_full[: hi - lo], w_acc)
-            for a, b in _cache_blocks(lo, hi, V):
-                block = z[a - lo : b - lo]
-                backward_rows(
-                    block,
-                    block,
-                    opts,
-                    m=m[a:b],
-                    log_s=log_s[a:b],
-                    g=g[a:b],
-                    grad_out=block,
-                    weight=p.cw,
-                    weight_sum=p.w_sum,
-                    y=t.y[a:b],
-                    w_y=t.w_y[a:b],
-                    scratch=[buf[: b - a] for buf in scratch_full],
-                )
+            _gradient_in_blocks(p, z, lo, 0, m, log_s, g, scratch_full)
             _accumulate_token_chunk(grads, z, h, w_acc, lo, hi)
         return
     cols = max(1, min(chunk, V))
@@ -321,24 +331,7 @@ def _gradient_pass(p: _Problem, schedule: str, chunk: int, m: Tensor, log_s: Ten
         z = z_full[:, :w] if w < cols else z_full
         w_acc = p.weight_slice(lo, hi)
         p.scores(p.h_all, lo, hi, z, w_acc)
-        for a, b in _cache_blocks(0, n, w):  # all tokens, a cache-sized block of them at a time
-            block = z[a:b]
-            backward_rows(
-                block,
-                block,
-                opts,
-                m=m[a:b],
-                log_s=log_s[a:b],
-                g=g[a:b],
-                grad_out=block,
-                weight=p.cw[lo:hi] if p.cw is not None else None,
-                weight_sum=p.w_sum,
-                y=t.y[a:b],
-                w_y=t.w_y[a:b],
-                scratch=[buf[a:b, :w] for buf in scratch_full],
-                col0=lo,
-                vocab_size=V,
-            )
+        _gradient_in_blocks(p, z, 0, lo, m, log_s, g, scratch_full)
         if grads.w is not None:  # this chunk's rows, accumulated in the product, rounded once
             if grads.w.dtype == acc:
                 torch.mm(z.T, p.h_all, out=grads.w[lo:hi])
