@@ -506,6 +506,18 @@ def test_chunk_sizes(schedule, chunk):
         crossent.set_memory_budget(previous)
 
 
+@pytest.mark.parametrize("schedule", ["token", "vocab"])
+@pytest.mark.parametrize("dtype, layout", [(f32, "strided"), (bf16, "contig")])
+def test_logits_product_in_class_blocks(monkeypatch, schedule, dtype, layout):
+    """The CPU logits product runs a cache-sized block of classes at a time: force blocks of 3
+    classes (V = 299: 99 blocks and a remainder of 2), with every option, the bias included."""
+    from crossent.torch_impl import linear_cross_entropy as impl
+
+    monkeypatch.setattr(impl, "PRODUCT_BLOCK_BYTES", 3 * 13 * 4)  # D = 13, float32 products
+    name = f"class-blocks-{schedule}-{dtype}-{layout}"
+    run_case(Case(name, V=299, schedule=schedule, dtype=dtype, layout=layout, ignore=0.2, **ALL))
+
+
 @pytest.mark.parametrize("schedule", ["token", "vocab", "auto"])
 @pytest.mark.parametrize("grads", ["h", "w", "b", "hw", "hwb", ""])
 @pytest.mark.parametrize("reduction, dtype", [("mean", f32), ("none", bf16), ("sum", f64)])

@@ -44,6 +44,7 @@ from .functional import (
     shift_target,
 )
 from .options import LossOptions, document, rows_per_chunk
+from .torch_impl.linear_cross_entropy import logits_into
 from .torch_impl.rows import (
     OnlineStats,
     RowOptions,
@@ -580,10 +581,7 @@ class _LinearProblem:
         """(``h @ W[lo:hi].T + b[lo:hi]`` in a contiguous view of ``buf``, the weight slice)."""
         z = buf.view(-1)[: self.n * (hi - lo)].view(self.n, hi - lo)
         w = self.weight[lo:hi].to(self.acc)
-        if self.bias is not None:
-            torch.addmm(self.bias[lo:hi].to(self.acc), self.h, w.T, out=z)
-        else:
-            torch.mm(self.h, w.T, out=z)
+        logits_into(z, self.h, w, self.bias[lo:hi].to(self.acc) if self.bias is not None else None)
         return z, w
 
     def row_scale(self, grad_loss: Tensor | None) -> Tensor:

@@ -57,6 +57,31 @@ from .rows import (
 #: Token chunks larger than this gain nothing in product efficiency.
 MAX_TOKEN_ROWS = 1024
 
+#: On the CPU the logits product runs over blocks of the classifier of about this many bytes,
+#: each of which stays in the caches while every token of the chunk meets it; one product over the
+#: whole classifier re-reads (re-packs) all of it from memory for every chunk of tokens. Measured on
+#: the 2-core CI machine (N=2048, D=512, V=128256 float32, 261-token chunks): blocks of 1024
+#: classes (2 MiB) took the logits products from 2.9 s to 2.2 s (the unchunked product: 2.8 s);
+#: 512 classes 2.3 s, 2048 classes 2.7 s.
+PRODUCT_BLOCK_BYTES = 2 << 20
+
+
+def logits_into(out: Tensor, h: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``out = h @ w.T + bias``: (n, D) tokens against (c, D) classes into ``out`` (n, c), all in
+    the accumulation dtype; on the CPU a cache-sized block of classes at a time (one product
+    elsewhere). Shared by every linear loop (the distributed one too)."""
+    c = w.shape[0]
+    step = c
+    if h.device.type == "cpu":
+        step = max(1, PRODUCT_BLOCK_BYTES // max(1, w.shape[1] * w.element_size()))
+    for lo in range(0, c, step):
+        hi = min(c, lo + step)
+        if bias is not None:
+            torch.addmm(bias[lo:hi], h, w[lo:hi].T, out=out[:, lo:hi])
+        else:
+            torch.mm(h, w[lo:hi].T, out=out[:, lo:hi])
+    return out
+
 
 def choose_schedule(schedule: str, vocab_size: int, hidden_size: int, weight: Tensor, weight_needs_grad: bool) -> str:
     """The documented ``"auto"`` rule: "vocab" when a 16-bit weight's float32 gradient
@@ -130,9 +155,7 @@ class _Problem:
     def scores(self, h: Tensor, lo: int, hi: int, out: Tensor, w: Tensor | None = None) -> Tensor:
         """``out = h @ W[lo:hi].T + b[lo:hi]`` in the accumulation dtype."""
         w = self.weight_slice(lo, hi) if w is None else w
-        if self.bias is not None:
-            return torch.addmm(self.bias[lo:hi].to(self.acc), h, w.T, out=out)
-        return torch.mm(h, w.T, out=out)
+        return logits_into(out, h, w, self.bias[lo:hi].to(self.acc) if self.bias is not None else None)
 
     def row_scale(self, grad_loss: Tensor | None) -> Tensor:
         """``∂loss/∂ℓ_i`` for the kept tokens (times the upstream gradient when given)."""

@@ -89,6 +89,26 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+#: log2(e): ``e^z = 2^(z·log2 e)``.
+LOG2_E = 1.4426950408889634
+
+
+def exp_(z: Tensor, out: Tensor | None = None) -> Tensor:
+    """``e^z`` of the shifted scores ``z`` (≤ 0), in place or into ``out``.
+
+    float32 on the CPU goes through ``2^(z·log2 e)``: ATen's vectorised ``exp2`` (AVX2) takes
+    0.6× the time of its ``exp``, the multiplication included, and ``exp`` is the largest part of
+    the loss's own work. The product's rounding adds ``|z|·2⁻²⁴`` to an element's relative error,
+    which is weighted by ``e^z`` itself wherever it matters (the sums, the largest gradient
+    elements): measured norm-wise against float64, the gradient's error goes from 2.1e-8 to 2.2e-8
+    (PyTorch's own log-softmax gradient: 4e-7). ``exp(0)`` stays exactly 1 and ``-inf`` gives 0.
+    Elsewhere (float64, other devices, where the extra pass would cost more) plain ``exp``.
+    """
+    if z.dtype == torch.float32 and z.device.type == "cpu":
+        return torch.mul(z, LOG2_E, out=z if out is None else out).exp2_()
+    return z.exp_() if out is None else torch.exp(z, out=out)
+
+
 def scores_into(z: Tensor, x: Tensor, opts: RowOptions, chain: Tensor | None) -> None:
     """Step 1 of §1 into the accumulation buffer ``z``: ``z = s·x``, then the soft cap.
 
@@ -308,10 +328,10 @@ def forward_rows(
 
     e = z
     if want_aux:
-        e = torch.exp(z, out=scratch.pop())
+        e = exp_(z, out=scratch.pop())
         out.p_dot_z.copy_(rowdot(e, _finite_floor(z)))
     else:
-        e.exp_()
+        exp_(e)
     s = e.sum(-1)
     torch.log(s, out=out.log_s)
     if want_aux:
@@ -457,10 +477,10 @@ class OnlineStats:
             wz_b = z @ w
             _put_wide_rows(wz_b, wide)
         if self.want_aux:
-            e = torch.exp(z, out=scratch)
+            e = exp_(z, out=scratch)
             t_b = rowdot(e, _finite_floor(z))
         else:
-            e = z.exp_()
+            e = exp_(z)
         s_b = e.sum(-1)
 
         if self.m is None:  # the first block
@@ -527,7 +547,7 @@ def backward_rows(
     chain = scratch.pop() if opts.softcap is not None else None
     q = _soft_weights(soft, weight, opts, scratch.pop()) if soft is not None else None
     scores_into(z, x, opts, chain)
-    z.sub_(m.unsqueeze(-1)).sub_(log_s.unsqueeze(-1)).exp_().mul_(g.unsqueeze(-1))  # g · softmax
+    exp_(z.sub_(m.unsqueeze(-1)).sub_(log_s.unsqueeze(-1))).mul_(g.unsqueeze(-1))  # g · softmax
     _finish_gradient(z, g, m + log_s, opts, V, col0, weight, weight_sum, y, w_y, q, chain)
     if grad_out is not z:
         grad_out.copy_(z)
