@@ -241,6 +241,8 @@ def main(
 ) -> list[dict]:
     torch.manual_seed(0)
     rows = run(quick, repeats, table1_tokens, table1_dim, only)
+    if not rows:
+        raise SystemExit(f"no workload's name starts with {only!r}: see workloads()")
     name = out or ("linear_cross_entropy_quick" if quick else "linear_cross_entropy")
     common.write_csv(name, rows)
     title = "## `crossent.linear_cross_entropy` against eager PyTorch and the floor"
