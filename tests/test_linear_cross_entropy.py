@@ -507,6 +507,27 @@ def test_chunk_sizes(schedule, chunk):
 
 
 @pytest.mark.parametrize("schedule", ["token", "vocab"])
+def test_automatic_chunks_are_whole_product_tiles(schedule):
+    """Automatic chunks of 16 rows or more are cut down to a multiple of 8 (whole AVX2 tiles of the
+    CPU products), so never past the budget; smaller ones stay as the budget gives them."""
+    from crossent.options import rows_per_chunk
+    from crossent.torch_impl import linear_cross_entropy as impl
+
+    previous = crossent.set_memory_budget(21 * 299 * 4)  # 21 float32 rows of V = 299
+    try:
+        assert rows_per_chunk(299 * 4) == 21
+        assert rows_per_chunk(299 * 4, multiple=8) == 16
+        assert rows_per_chunk(299 * 4, buffers=2, multiple=8) == 10  # under 2·8: as it is
+        assert rows_per_chunk(299 * 4, cap=12, multiple=4) == 12
+        assert impl.token_chunk_rows(299, f32, 1) == 16
+        assert impl.vocab_chunk_rows(45, 13, f32, 1) == 104  # 21·299 // 58 = 108 classes
+        # 45 tokens: chunks of 16, 16 and 13 (token); 104, 104 and 91 classes (vocab)
+        run_case(Case(f"auto-chunk-tiles-{schedule}", lead=(45,), V=299, schedule=schedule, bias=True))
+    finally:
+        crossent.set_memory_budget(previous)
+
+
+@pytest.mark.parametrize("schedule", ["token", "vocab"])
 @pytest.mark.parametrize("dtype, layout", [(f32, "strided"), (bf16, "contig")])
 def test_logits_product_in_class_blocks(monkeypatch, schedule, dtype, layout):
     """The CPU logits product runs a cache-sized block of classes at a time: force blocks of 3

@@ -78,14 +78,17 @@ def get_memory_budget() -> int:
     return _memory_budget
 
 
-def rows_per_chunk(row_bytes: int, *, buffers: int = 1, cap: int | None = None) -> int:
+def rows_per_chunk(row_bytes: int, *, buffers: int = 1, cap: int | None = None, multiple: int = 1) -> int:
     """How many rows of ``row_bytes`` each fit ``buffers`` times into the memory budget (>= 1).
 
-    ``cap`` bounds the answer from above (e.g. a size past which a loop gets no faster). The
-    answer depends on the arguments and the budget only.
+    ``cap`` bounds the answer from above (e.g. a size past which a loop gets no faster). An answer
+    of at least ``2·multiple`` rows is cut down to a multiple of ``multiple`` (whole tiles of the
+    matrix products that take the chunk). The answer depends on the arguments and the budget only.
     """
     rows = max(1, _memory_budget // max(1, row_bytes * buffers))
-    return rows if cap is None else max(1, min(rows, cap))
+    if cap is not None:
+        rows = max(1, min(rows, cap))
+    return rows - rows % multiple if rows >= 2 * multiple else rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -334,9 +334,8 @@ def _rows_into(out: Tensor, a: Tensor, b: Tensor, scale: Tensor | None) -> None:
         torch.mul(_mm_f32(a, b), scale, out=out)
 
 
-def _round_chunk(n: int) -> int:
-    """Chunks of 128 or more rows are cut to a multiple of 64 (whole GEMM tiles)."""
-    return n - n % 64 if n >= 128 else n
+#: Chunks of 128 or more rows are cut to a multiple of this (whole GEMM tiles).
+GEMM_TILE_ROWS = 64
 
 
 class _Problem:
@@ -445,7 +444,7 @@ def _token_rows(p: _Problem, chunk_size: int) -> int:
     ``∂hidden`` product fit the memory budget."""
     if chunk_size > 0:
         return chunk_size
-    return _round_chunk(rows_per_chunk(p.V * _item(p) + 4 * p.D, cap=MAX_TOKEN_ROWS))
+    return rows_per_chunk(p.V * _item(p) + 4 * p.D, cap=MAX_TOKEN_ROWS, multiple=GEMM_TILE_ROWS)
 
 
 def _vocab_cols(p: _Problem, chunk_size: int) -> int:
@@ -453,7 +452,7 @@ def _vocab_cols(p: _Problem, chunk_size: int) -> int:
     product fit the memory budget."""
     if chunk_size > 0:
         return chunk_size
-    return _round_chunk(rows_per_chunk(max(1, p.N) * _item(p) + 4 * p.D))
+    return rows_per_chunk(max(1, p.N) * _item(p) + 4 * p.D, multiple=GEMM_TILE_ROWS)
 
 
 def _launch_gradient(p: _Problem, z: Tensor, lo: int, hi: int, col0: int, m, log_s, g, block: int) -> None:
