@@ -61,7 +61,8 @@ MAX_TOKEN_ROWS = 1024
 #: matrix products run AVX2 tiles of 8 floats, and a ragged edge costs more than its share. Paired
 #: runs on the 2-core CI machine (N=2048, D=512, V=128256 float32, token schedule, forward and
 #: backward): 264 rows took 0.91× the time of the budget's 261, 256 and 240 rows 0.97–1.03× that
-#: of 264; the ∂W product alone ran at ~96 GFLOP/s with 261 rows, ~104 with 256 or 264.
+#: of 264; the ∂W product alone ran at ~96 GFLOP/s with 261 rows, ~104 with 256 or 264. The vocab
+#: schedule's chunks there (13107 → 13104 classes) went from 1.72–1.86× to 1.49–1.50× the floor.
 PRODUCT_ROWS_MULTIPLE = 8
 
 #: On the CPU the logits product runs over blocks of the classifier of about this many bytes,
