@@ -44,7 +44,7 @@ from .functional import (
     shift_target,
 )
 from .options import LossOptions, document, rows_per_chunk
-from .torch_impl.linear_cross_entropy import logits_into
+from .torch_impl.linear_cross_entropy import logits_into, vocab_chunk_rows
 from .torch_impl.rows import (
     OnlineStats,
     RowOptions,
@@ -570,7 +570,7 @@ class _LinearProblem:
         if self.plan.chunk_size is not None:
             return self.plan.chunk_size
         buffers = 1 + int(want_aux) + int(grad and self.plan.opts.softcap is not None)
-        return rows_per_chunk(_item(self.acc) * (max(1, self.n) * buffers + self.D))  # (n, w) buffers + W slice
+        return vocab_chunk_rows(self.n, self.D, self.acc, buffers)  # the single-process vocab loop's rule
 
     def blocks(self, cols: int):
         """(lo, hi) local rows of the weight, over its real (unpadded) rows only."""
