@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import crossent  # noqa: E402
-from crossent.bench import MatmulFloor  # noqa: E402  (the floor of crossent bench, the same products)
+from crossent.cli.bench_suite import MatmulFloor  # noqa: E402  (the floor of crossent bench, the same products)
 
 FLOOR = "floor (3 products)"
 EAGER = "eager F.cross_entropy((h @ W.T).float())"
@@ -175,7 +175,7 @@ def table(rows: list[dict]) -> str:
 
 def target_lines(rows: list[dict]) -> list[str]:
     """Issue 4's targets, met or not, for the schedule that ``schedule="auto"`` takes."""
-    from crossent.torch_impl.linear_cross_entropy import choose_schedule
+    from crossent.core.linear import choose_schedule
 
     def row(workload: str, method: str) -> dict:
         return next(r for r in rows if r["workload"] == workload and r["method"] == method)

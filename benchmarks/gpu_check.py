@@ -152,7 +152,7 @@ class Report:
 def check_shape(report: Report, N: int, V: int) -> None:
     import crossent
     from crossent import reference as R
-    from crossent.triton_impl import cross_entropy as kernels
+    from crossent.backends.triton import cross_entropy as kernels
 
     bf16 = torch.bfloat16
     logits, target = inputs(N, V, seed=N + V)
@@ -276,7 +276,7 @@ def copy_bandwidth(nbytes: int) -> float:
 def methods(logits: torch.Tensor, target: torch.Tensor):
     """(name, setup, run) of every contender: run does forward + backward on setup's state."""
     import crossent
-    from crossent.triton_impl import cross_entropy as kernels
+    from crossent.backends.triton import cross_entropy as kernels
 
     def fresh_leaf():
         return logits.detach().clone().requires_grad_()  # the clone is outside the timing
@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("gpu_check: the triton package is not installed: nothing was checked.", file=sys.stderr)
         return 2
-    from crossent.functional import interpreter_on
+    from crossent.validation import interpreter_on
 
     if interpreter_on():
         print("gpu_check: TRITON_INTERPRET is on; unset it to run the compiled kernels.", file=sys.stderr)

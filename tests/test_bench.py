@@ -13,18 +13,20 @@ import sys
 
 import pytest
 
-from crossent import bench
+from crossent.cli import bench_suite as suite
 from crossent.cli import main
+from crossent.cli.bench_plots import plot_results
+from crossent.cli.bench_report import default_out_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OTHER_SECTION = "<!-- BEGIN other -->\nkept as it is\n<!-- END other -->\n"
 
 #: The methods that run everywhere (TINY does not compile); the peers run only where installed.
 CORE = {
-    bench.CE: [bench.CROSSENT, bench.INPLACE, bench.EAGER],
-    bench.LINEAR: [bench.FLOOR, bench.LINEAR_CROSSENT, bench.LINEAR_EAGER],
+    suite.CE: [suite.CROSSENT, suite.INPLACE, suite.EAGER],
+    suite.LINEAR: [suite.FLOOR, suite.LINEAR_CROSSENT, suite.LINEAR_EAGER],
 }
-EVERY_METHOD = [*CORE[bench.CE], bench.COMPILE, bench.LIGER_CE, *CORE[bench.LINEAR], bench.CCE, bench.LIGER_LINEAR]
+EVERY_METHOD = [*CORE[suite.CE], suite.COMPILE, suite.LIGER_CE, *CORE[suite.LINEAR], suite.CCE, suite.LIGER_LINEAR]
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +50,13 @@ def test_the_csv_has_one_row_per_method_and_point(run):
     assert len(keys) == len(set(keys)), "a (method, point) measured twice"
     for family, methods in CORE.items():
         for method in methods:
-            for n, v in bench.TINY.points():
+            for n, v in suite.TINY.points():
                 assert (family, method, n, v) in keys, f"no row for {method} at N={n}, V={v}"
     for r in rows:
         assert float(r["fwd_bwd_ms"]) > 0 and float(r["fwd_ms"]) > 0
         assert int(r["peak_extra_bytes"]) >= 0
         assert float(r["time_vs_eager"]) > 0
-    baselines = [r for r in rows if r["method"] in (bench.EAGER, bench.LINEAR_EAGER)]
+    baselines = [r for r in rows if r["method"] in (suite.EAGER, suite.LINEAR_EAGER)]
     assert all(float(r["time_vs_eager"]) == 1.0 for r in baselines)
 
 
@@ -69,8 +71,8 @@ def test_the_plots_are_png_files(run):
 
 def test_without_matplotlib_there_are_no_plots_and_no_error(run, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    result = bench.SuiteResult(bench.TINY, rows=[])
-    assert bench.plot_results(result, tmp_path) is None
+    result = suite.SuiteResult(suite.TINY, rows=[])
+    assert plot_results(result, tmp_path) is None
     assert not list(tmp_path.iterdir())
 
 
@@ -88,7 +90,7 @@ def test_the_table_names_every_method_and_why_one_did_not_run(run):
 
 def test_progress_goes_to_stderr(run):
     _, stdout, stderr = run
-    total = 2 * len(bench.TINY.points())
+    total = 2 * len(suite.TINY.points())
     assert f"[1/{total}] cross_entropy N=8 V=64" in stderr
     assert f"[{total}/{total}] linear N=8 V=11 D=4" in stderr
     assert "[1/" not in stdout
@@ -101,15 +103,15 @@ def test_the_results_section_is_written_and_the_others_kept(run):
     section = text.split("<!-- BEGIN suite_tiny -->", 1)[1].split("<!-- END suite_tiny -->", 1)[0]
     assert "Machine: " in section and "torch " in section
     assert "Command: `crossent bench --sweep tiny --out " in section
-    assert bench.LINEAR_CROSSENT in section
+    assert suite.LINEAR_CROSSENT in section
     if (out / "suite_tiny_time.png").exists():
         assert "](results/suite_tiny_memory_vs_n.png)" in section
 
 
 def test_default_out_dir(tmp_path):
-    assert bench.default_out_dir(tmp_path) == tmp_path / "crossent-bench"
+    assert default_out_dir(tmp_path) == tmp_path / "crossent-bench"
     (tmp_path / "benchmarks").mkdir()
-    assert bench.default_out_dir(tmp_path) == tmp_path / "benchmarks" / "results"
+    assert default_out_dir(tmp_path) == tmp_path / "benchmarks" / "results"
 
 
 def test_bench_help(capsys):

@@ -15,7 +15,6 @@ backward one all-reduce of ``∂loss/∂hidden``.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 import crossent
 from crossent import reference as R
 from crossent.distributed import global_normalizer, vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from helpers.common import gen, output_dtype
 from judge import assert_close_to_reference, rel_error
 
 f64, f32, f16, bf16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
@@ -37,14 +37,6 @@ D = 6  # hidden size of the linear cases
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _gen(key: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
-
-
-def _output_dtype(dtype: torch.dtype) -> torch.dtype:
-    return f64 if dtype == f64 else f32
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +166,7 @@ def test_table_covers_what_the_issue_asks():
 
 
 def make_inputs(case: Case) -> dict:
-    g = _gen(case.id)
+    g = gen(case.id)
     dtype = DTYPES[case.dtype]
     gen_dtype = f64 if dtype == f64 else f32
     Vp, V = case.P * case.Vl, case.Vtrue
@@ -381,7 +373,7 @@ RECIPE_SIZES = [[4, 9, 2], [7, 3, 5]]  # valid tokens of the three micro-batches
 
 def make_recipe(pair: int) -> dict:
     """Pair 0: float64, plain; pair 1: float32 with class weights and label smoothing."""
-    g = _gen(f"recipe-{pair}")
+    g = gen(f"recipe-{pair}")
     dtype = f64 if pair == 0 else f32
     V, Dm = 13, 5
     batches = []
@@ -546,7 +538,7 @@ def test_case_against_single_process_reference(spawned, case: Case):
             for a, b in zip(first["aux"], other["aux"], strict=True):
                 assert torch.equal(a, b), f"{case.id}: LossAux differs between ranks"
     loss = first["loss"]
-    assert loss.dtype == _output_dtype(dtype)
+    assert loss.dtype == output_dtype(dtype)
     assert_close_to_reference(f"{case.id} loss", loss, ref["loss"], base["loss"], dtype)
     keep = ref["keep"]
     if case.aux:
@@ -664,7 +656,7 @@ def test_import_initialises_nothing():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_world_of_one_equals_cross_entropy(reduction):
-    g = _gen(f"one-{reduction}")
+    g = gen(f"one-{reduction}")
     x = torch.randn(4, 7, 19, generator=g)
     t = torch.randint(0, 17, (4, 7), generator=g)
     t[0, :3] = -100
@@ -684,7 +676,7 @@ def test_world_of_one_equals_cross_entropy(reduction):
 
 @pytest.mark.parametrize("kind", ["logits", "linear"])
 def test_gradcheck_float64_world_of_one(kind):
-    g = _gen(f"gradcheck-{kind}")
+    g = gen(f"gradcheck-{kind}")
     t = torch.tensor([[1, 4, -100], [0, 6, 2]])
     cw = torch.rand(7, generator=g, dtype=f64) + 0.5
     kw = dict(vocab_size=7, label_smoothing=0.2, z_loss=1e-2, softcap=3.0, logit_scale=0.7, reduction="none")
@@ -713,7 +705,7 @@ def test_global_normalizer_world_of_one():
 
 
 def _call(fn, **overrides):
-    g = _gen("bad")
+    g = gen("bad")
     args = dict(
         logits=dict(logits_shard=torch.randn(3, 8, generator=g), target=torch.tensor([0, 5, 7]), vocab_size=8),
         linear=dict(

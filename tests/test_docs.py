@@ -24,9 +24,14 @@ PUBLIC_MODULES = [
     "crossent.options",
     "crossent.loss_aux",
     "crossent.reference",
-    "crossent.distributed",
+    "crossent.distributed.losses",
+    "crossent.distributed.normalizer",
     "crossent.transformers",
-    "crossent.bench",
+    "crossent.integrations.hf_forward",
+    "crossent.integrations.hf_patch",
+    "crossent.cli.bench_suite",
+    "crossent.cli.bench_report",
+    "crossent.cli.bench_plots",
     "crossent.measure",
 ]
 

@@ -27,38 +27,28 @@ every path.
 
 from __future__ import annotations
 
-import os
+import math
+import re
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernels are defined
+import pytest
+import torch
+import torch.nn.functional as F
 
-import math  # noqa: E402
-import re  # noqa: E402
-import zlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import crossent  # noqa: E402
-import test_cross_entropy as CE  # noqa: E402
-from crossent import reference as R  # noqa: E402
-from judge import SLACK, assert_close_to_reference, rel_error  # noqa: E402
-
-f64, f32, f16, bf16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+import crossent
+from crossent import reference as R
+from helpers import internals
+from helpers.common import bf16, f16, f32, f64, gen
+from helpers.cross_entropy import error_or_inf, torch_baseline
+from judge import SLACK, assert_close_to_reference, rel_error
 
 PATHS = ("torch", "triton", "linear-token", "linear-vocab")
 CE_PATHS = ("torch", "triton")
 
 
-def _gen(key: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
-
-
 @pytest.fixture
 def kernels(monkeypatch):
     """The Triton kernel module with small vocabulary blocks (the online merge runs), restored after."""
-    from crossent.triton_impl import cross_entropy as module
-
+    module = internals.triton_cross_entropy()
     monkeypatch.setattr(module, "MAX_BLOCK_V", 16)
     monkeypatch.setattr(module, "GRAD_IN_FORWARD", module.GRAD_IN_FORWARD)
     return module
@@ -95,13 +85,6 @@ def run_path(path: str, x: torch.Tensor, target: torch.Tensor, upstream: torch.T
         loss.backward(upstream.to(loss.dtype))
         grad = grad_of.grad if path in CE_PATHS else grad_of.grad.T
     return loss.detach(), grad, aux
-
-
-def torch_baseline(x, target, **kw):
-    """The same formula in plain PyTorch at the input's dtype (test_cross_entropy's helper)."""
-    kw = {k: v for k, v in kw.items() if k != "return_aux"}
-    weight = kw.pop("weight", None)
-    return CE.torch_at_dtype(x, target, weight, **kw)[0]
 
 
 def _needs_kernels(path, request):
@@ -170,7 +153,7 @@ def test_empty_batch_soft_targets(request, path, reduction):
 def test_v1_without_z_loss_is_exactly_zero(request, path, dtype):
     """V = 1: log p = (z - m) - log S = 0 - log 1 = 0 exactly, with smoothing, cap and scale."""
     _needs_kernels(path, request)
-    g = _gen(f"v1-{path}-{dtype}")
+    g = gen(f"v1-{path}-{dtype}")
     x = (torch.randn(6, 1, generator=g) * 3).to(dtype)
     target = torch.zeros(6, dtype=torch.long)
     target[2] = -100
@@ -220,7 +203,7 @@ def test_ignore_index_equal_to_a_real_class(request, path, ignore_index):
     """The class stays in the vocabulary (softmax, smoothing); only tokens targeting it are dropped,
     exactly as F.cross_entropy does (checked against it, with smoothing and class weights)."""
     _needs_kernels(path, request)
-    g = _gen(f"ii-{path}-{ignore_index}")
+    g = gen(f"ii-{path}-{ignore_index}")
     N, V = 12, 7
     x = torch.randn(N, V, generator=g) * 3
     target = torch.randint(0, V, (N,), generator=g)
@@ -250,7 +233,7 @@ def test_ignore_index_equal_to_a_real_class(request, path, ignore_index):
 @pytest.mark.parametrize("path", CE_PATHS)
 def test_soft_targets_not_summing_to_one_are_used_as_given(request, path):
     _needs_kernels(path, request)
-    g = _gen(f"soft-unnormalised-{path}")
+    g = gen(f"soft-unnormalised-{path}")
     N, V = 6, 9
     x = torch.randn(N, V, generator=g) * 3
     p = torch.rand(N, V, generator=g) * 2  # rows sum to about V
@@ -287,7 +270,7 @@ def test_soft_targets_not_summing_to_one_are_used_as_given(request, path):
 @pytest.mark.parametrize("dtype", [f32, bf16])
 def test_class_weights_zero_on_every_kept_token(request, path, dtype):
     _needs_kernels(path, request)
-    g = _gen(f"zero-kept-{path}-{dtype}")
+    g = gen(f"zero-kept-{path}-{dtype}")
     N, V = 10, 8
     x = (torch.randn(N, V, generator=g) * 3).to(dtype)
     target = torch.randint(0, V - 2, (N,), generator=g)
@@ -326,7 +309,7 @@ def test_class_weights_zero_on_every_kept_token(request, path, dtype):
 def test_shift_past_the_sequence_ignores_everything(schedule, reduction):
     """shift >= T: no position has a target. The loss (and every gradient) is exactly 0, "none"
     keeps the (B, T) shape — and the oracle must say the same."""
-    g = _gen(f"shift-past-{schedule}-{reduction}")
+    g = gen(f"shift-past-{schedule}-{reduction}")
     B, T, D, V = 2, 3, 4, 6
     hidden = torch.randn(B, T, D, generator=g, requires_grad=True)
     weight = torch.randn(V, D, generator=g, requires_grad=True)
@@ -351,7 +334,7 @@ def test_inplace_backward_on_overlapping_logits(request, path, dtype):
     gradient into them in place cannot be right. The result must still be the true gradient (a
     fresh gradient tensor), or a ValueError naming inplace_backward — never a silent wrong one."""
     _needs_kernels(path, request)
-    g = _gen(f"inplace-overlap-{path}-{dtype}")
+    g = gen(f"inplace-overlap-{path}-{dtype}")
     B, T, V = 3, 4, 10
     base = (torch.randn(1, T, V, generator=g) * 3).to(dtype)
     target = torch.randint(0, V, (B, T), generator=g)
@@ -434,13 +417,6 @@ EXTREME_OPTIONS = {
 }
 
 
-def _error_or_inf(value, ref) -> float:
-    try:
-        return rel_error(value, ref)
-    except AssertionError:  # a NaN where the exact value is a number: infinitely wrong
-        return math.inf
-
-
 def _check_extreme(label, dtype, loss, grad, ref, ref_grad, base, base_grad) -> list[str]:
     """The rules for one call; returns what is wrong (empty when all is right)."""
     problems = []
@@ -455,7 +431,7 @@ def _check_extreme(label, dtype, loss, grad, ref, ref_grad, base, base_grad) -> 
         if not bool(torch.isfinite(ours).all()):
             problems.append(f"{label}: loss not finite where the exact value is representable: {ours.tolist()}")
         else:
-            err, bound = rel_error(ours, exact), 2 * _error_or_inf(theirs, exact) + SLACK[dtype]
+            err, bound = rel_error(ours, exact), 2 * error_or_inf(theirs, exact) + SLACK[dtype]
             if not err <= bound:
                 problems.append(f"{label}: loss relative error {err:.3e} > {bound:.3e}")
     grad_representable = bool((torch.isfinite(ref_grad) & (ref_grad.abs() <= torch.finfo(dtype).max)).all())
@@ -463,7 +439,7 @@ def _check_extreme(label, dtype, loss, grad, ref, ref_grad, base, base_grad) -> 
         if not bool(torch.isfinite(grad).all()):
             problems.append(f"{label}: gradient not finite where the exact one is representable")
         else:
-            err, bound = rel_error(grad, ref_grad), 2 * _error_or_inf(base_grad, ref_grad) + SLACK[dtype]
+            err, bound = rel_error(grad, ref_grad), 2 * error_or_inf(base_grad, ref_grad) + SLACK[dtype]
             if not err <= bound:
                 problems.append(f"{label}: gradient relative error {err:.3e} > {bound:.3e}")
     return problems
@@ -476,7 +452,7 @@ def test_extremes(request, path, case):
     problems = []
     for option_name, options in EXTREME_OPTIONS.items():
         for reduction in ("none", "mean"):
-            g = _gen(f"{case}-{option_name}-{reduction}")
+            g = gen(f"{case}-{option_name}-{reduction}")
             x, target = EXTREME_CASES[case](g)
             dtype = x.dtype
             kw = dict(options, reduction=reduction)
@@ -527,7 +503,7 @@ def test_saturated_softcap_gradient(request, path, soft):
     difference of nearly equal numbers. PyTorch (at float32) rounds it once, from a correctly
     rounded tanh; crossent must be no worse than twice that (DESIGN.md §6)."""
     _needs_kernels(path, request)
-    g = _gen(f"saturated-{path}-{soft}")
+    g = gen(f"saturated-{path}-{soft}")
     N, V = 128, 3
     x = torch.randn(N, V, generator=g) * 3  # |s·x/k| up to ~50: tanh rounds to ±1 past ~9
     for i, a in enumerate((44.5, 46.0, -47.5, 50.0)):  # exp(-2|a|) is subnormal in float32 here
@@ -550,7 +526,7 @@ def test_entropy_of_confident_rows(request, path):
     """LossAux.entropy of nearly one-hot rows is tiny; −Σ p log p keeps its relative accuracy
     (PyTorch's expression at float32 does); forming it as log S − Σ p (z − m) cancels."""
     _needs_kernels(path, request)
-    g = _gen(f"entropy-{path}")
+    g = gen(f"entropy-{path}")
     N, V = 8, 10
     x = torch.randn(N, V, generator=g) * 3
     target = torch.randint(0, V, (N,), generator=g)
@@ -571,7 +547,7 @@ def test_masked_classes_give_finite_aux(request, path, smoothing):
     the oracle's; the gradient of a masked class is 0. (Smoothing puts weight on log p = -inf:
     that loss is +inf exactly, as PyTorch's.)"""
     _needs_kernels(path, request)
-    g = _gen(f"masked-aux-{path}-{smoothing}")
+    g = gen(f"masked-aux-{path}-{smoothing}")
     N, V = 6, 33
     x = torch.randn(N, V, generator=g) * 3
     x[:, 5:9] = -math.inf  # masked for every token
@@ -611,7 +587,7 @@ def test_nan_and_inf_propagate_like_pytorch(request, path, dtype, bad):
     """Per token, the loss is NaN / ±inf exactly where the same formula in PyTorch (at that dtype)
     is, for each option; the other tokens keep their values; nothing raises."""
     _needs_kernels(path, request)
-    g = _gen(f"bad-{path}-{dtype}-{bad}")
+    g = gen(f"bad-{path}-{dtype}-{bad}")
     N, V = 6, 11
     x = (torch.randn(N, V, generator=g) * 3).to(dtype)
     target = torch.randint(0, V, (N,), generator=g)
@@ -647,7 +623,7 @@ def test_nan_and_inf_propagate_like_pytorch(request, path, dtype, bad):
 def test_nan_in_linear_inputs_propagates(schedule, where):
     """A NaN in a token's hidden state poisons that token; in a class's weight row or bias, every
     token (each one's softmax sums over that class) — as F.cross_entropy(F.linear(...)) does."""
-    g = _gen(f"linear-nan-{schedule}-{where}")
+    g = gen(f"linear-nan-{schedule}-{where}")
     N, D, V = 6, 5, 9
     hidden = torch.randn(N, D, generator=g)
     weight = torch.randn(V, D, generator=g) / math.sqrt(D)
@@ -704,7 +680,7 @@ def test_out_of_range_target_under_compile_gives_nan(request, fresh_dynamo, path
     NaN, its gradient row NaN, every other token exact; memory out of bounds is never read (ids
     of ±2^40 would fault if used as addresses)."""
     _needs_kernels(path, request)
-    g = _gen(f"oob-compile-{path}-{reduction}")
+    g = gen(f"oob-compile-{path}-{reduction}")
     N, V = 6, 9
     x = torch.randn(N, V, generator=g) * 3
     good = torch.randint(0, V, (N,), generator=g)

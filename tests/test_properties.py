@@ -8,31 +8,26 @@ or automatic from a memory budget down to 1 byte), then checks the loss, every g
 
 Examples are tiny (a few dozen logits), so that 500 of them per property fit in a few seconds of
 CI; the "ci" hypothesis profile of ``conftest.py`` makes them derandomised with ``deadline=None``.
-The Triton backend runs under the interpreter with a smaller budget: the interpreter reads
-``TRITON_INTERPRET`` when kernels are defined, so it is set here, before anything imports
-``crossent.triton_impl`` (as ``tests/test_triton.py`` does).
+The Triton backend runs under the interpreter (tests/conftest.py sets ``TRITON_INTERPRET``) with a
+smaller budget.
 """
 
 from __future__ import annotations
 
-import os
+import math
+from dataclasses import dataclass
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
 
-import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import torch  # noqa: E402
-from hypothesis import HealthCheck, assume, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import crossent  # noqa: E402
-import test_cross_entropy as CE  # noqa: E402  (the helpers of the cross_entropy suite)
-import test_linear_cross_entropy as LCE  # noqa: E402  (the helpers of the linear suite)
-from crossent import reference as R  # noqa: E402
-from judge import assert_close_to_reference  # noqa: E402
-
-f64, f32, f16, bf16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+import crossent
+from crossent import reference as R
+from helpers import cross_entropy as CE  # the helpers of the cross_entropy suite
+from helpers import internals
+from helpers import linear as LCE  # the helpers of the linear suite
+from helpers.common import bf16, f16, f32, f64, output_dtype
+from judge import assert_close_to_reference
 
 #: examples per property in CI (the issue asks for at least 500 on the torch backend)
 TORCH_EXAMPLES = 500
@@ -43,10 +38,6 @@ SETTINGS = dict(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
-
-
-def _output_dtype(dtype: torch.dtype) -> torch.dtype:
-    return f64 if dtype == f64 else f32
 
 
 class _Budget:
@@ -255,7 +246,7 @@ def run_ce_case(c: CECase, impl: str = "torch") -> None:
     soft = c.target != "hard"
     weight = _class_weight(c.weight, c.V, target if not soft else target.new_empty(0), c.ignore_index, c.dtype, g)
     kw = ce_options(c)
-    out_dtype = _output_dtype(c.dtype)
+    out_dtype = output_dtype(c.dtype)
 
     leaf = base.clone().requires_grad_()
     x = view(leaf * 1 if c.inplace else leaf)  # in place: a non-leaf, as an LM head's output
@@ -383,8 +374,7 @@ def triton_ce_cases(draw):
 @example((_ce(lead=(4,), V=40, target="soft_unnormalised", eps=0.1, weight="rand", inplace=True), 16, None))
 @example((_ce(lead=(3, 4), V=33, weight="zero_kept", layout="unmergeable", z_loss=1e-2, dtype=f16), 32, True))
 def test_cross_entropy_triton_interpreter_matches_reference(drawn):
-    from crossent.triton_impl import cross_entropy as kernels
-
+    kernels = internals.triton_cross_entropy()
     case, block, grad_mode = drawn
     assume(known_bug(case) is None)
     saved = kernels.MAX_BLOCK_V, kernels.GRAD_IN_FORWARD
@@ -511,7 +501,7 @@ def run_linear_case(c: LinearCase) -> None:
             **kw,
         )
         loss, aux = out if c.aux else (out, None)
-        assert loss.dtype == _output_dtype(c.dtype)
+        assert loss.dtype == output_dtype(c.dtype)
         assert loss.shape == (c.lead if c.reduction == "none" else ())
         upstream = _upstream(c.upstream, loss.shape, g)
         assert loss.requires_grad == bool(c.grads)

@@ -191,7 +191,7 @@ def test_linear_reference_shift(shift, reduction):
 
 
 def test_explain_matches_seed_figures():
-    from crossent.cli import SEED_LOGITS, SEED_TARGETS
+    from crossent.seed import SEED_LOGITS, SEED_TARGETS
 
     trace = R.explain(torch.tensor(SEED_LOGITS), torch.tensor(SEED_TARGETS))
     torch.testing.assert_close(trace.row_max, torch.tensor([3.1, 2.9, 4.2], dtype=f64))

@@ -8,32 +8,23 @@ what existed before it — every tensor, to the byte, and nothing outside PyTorc
 
 from __future__ import annotations
 
-import os
+import copy
+import threading
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernels are defined
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.checkpoint import checkpoint
 
-import copy  # noqa: E402
-import threading  # noqa: E402
-import zlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
-
-import crossent  # noqa: E402
-import test_cross_entropy as CE  # noqa: E402
-import test_linear_cross_entropy as LCE  # noqa: E402
-from crossent import reference as R  # noqa: E402
-from judge import assert_close_to_reference  # noqa: E402
-
-f64, f32, bf16 = torch.float64, torch.float32, torch.bfloat16
-
-
-def _gen(key: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
+import crossent
+from crossent import reference as R
+from helpers import cross_entropy as CE  # the helpers of the cross_entropy suite
+from helpers import internals
+from helpers import linear as LCE  # the helpers of the linear suite
+from helpers.common import bf16, f16, f32, f64, gen
+from judge import assert_close_to_reference
 
 
 @pytest.fixture
@@ -91,7 +82,7 @@ class TinyLM(nn.Module):
 
 
 def _batch(T: int, V: int = 37, B: int = 2, key: str = "batch"):
-    g = _gen(f"{key}-{T}")
+    g = gen(f"{key}-{T}")
     tokens = torch.randint(0, V, (B, T), generator=g)
     labels = tokens.clone()
     labels[0, T // 2] = -100
@@ -243,7 +234,7 @@ def test_activation_checkpointing_gives_the_same_gradients(loss, inplace):
 
 
 def _ce_call(impl, dtype, soft, inplace, seed=0):
-    g = _gen(f"det-ce-{impl}-{dtype}-{soft}-{inplace}-{seed}")
+    g = gen(f"det-ce-{impl}-{dtype}-{soft}-{inplace}-{seed}")
     N, V = 24, 300
     x = (torch.randn(N, V, generator=g) * 3).to(dtype)
     if soft:
@@ -266,7 +257,7 @@ def _ce_call(impl, dtype, soft, inplace, seed=0):
 
 
 def _linear_call(schedule, dtype, seed=0):
-    g = _gen(f"det-linear-{schedule}-{dtype}-{seed}")
+    g = gen(f"det-linear-{schedule}-{dtype}-{seed}")
     N, D, V = 20, 13, 301
     hidden = torch.randn(N, D, generator=g).to(dtype)
     weight = (torch.randn(V, D, generator=g) / 4).to(dtype)
@@ -294,7 +285,7 @@ def _assert_same_bits(first, second, what):
 DETERMINISM = [
     ("torch-f32-hard", lambda: _ce_call("torch", f32, False, False)),
     ("torch-bf16-soft-inplace", lambda: _ce_call("torch", bf16, True, True)),
-    ("torch-f16-hard-inplace", lambda: _ce_call("torch", torch.float16, False, True)),
+    ("torch-f16-hard-inplace", lambda: _ce_call("torch", f16, False, True)),
     ("linear-token-f32", lambda: _linear_call("token", f32)),
     ("linear-vocab-bf16", lambda: _linear_call("vocab", bf16)),
     ("linear-auto-f64", lambda: _linear_call("auto", f64)),
@@ -311,12 +302,9 @@ def test_identical_calls_give_identical_bits(name, make):
 
 
 @pytest.mark.parametrize("grad_in_forward", [None, True, False])
-@pytest.mark.parametrize(
-    "dtype, soft, inplace", [(f32, False, False), (bf16, True, False), (torch.float16, False, True)]
-)
+@pytest.mark.parametrize("dtype, soft, inplace", [(f32, False, False), (bf16, True, False), (f16, False, True)])
 def test_identical_calls_give_identical_bits_triton_interpreter(monkeypatch, grad_in_forward, dtype, soft, inplace):
-    from crossent.triton_impl import cross_entropy as kernels
-
+    kernels = internals.triton_cross_entropy()
     monkeypatch.setattr(kernels, "MAX_BLOCK_V", 64)  # several vocabulary blocks: the online merge runs
     monkeypatch.setattr(kernels, "GRAD_IN_FORWARD", grad_in_forward)
     call = _ce_call("triton", dtype, soft, inplace)
@@ -333,7 +321,7 @@ def _thread_cases():
     float64 oracle with the §6 rule (the PyTorch formula at that dtype as the baseline)."""
     cases = []
     for i, (dtype, reduction) in enumerate([(f32, "mean"), (bf16, "none"), (f32, "sum"), (bf16, "mean")]):
-        g = _gen(f"thread-ce-{i}")
+        g = gen(f"thread-ce-{i}")
         N, V = 16 + 3 * i, 200 + 17 * i
         x = (torch.randn(N, V, generator=g) * 3).to(dtype)
         t = torch.randint(0, V, (N,), generator=g)
@@ -357,7 +345,7 @@ def _thread_cases():
 
         cases.append((f"ce-{i}", run_ce))
     for i, schedule in enumerate(["token", "vocab"]):
-        g = _gen(f"thread-linear-{i}")
+        g = gen(f"thread-linear-{i}")
         N, D, V = 18 + i, 11, 250 + 31 * i
         hidden, weight = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) / 3
         t = torch.randint(0, V, (N,), generator=g)
@@ -429,7 +417,7 @@ def peak_allocated(fn):
 
 
 def _ce_inputs(N, V, dtype=f32, key="mem"):
-    g = _gen(f"{key}-{N}-{V}-{dtype}")
+    g = gen(f"{key}-{N}-{V}-{dtype}")
     x = (torch.randn(N, V, generator=g) * 3).to(dtype)
     t = torch.randint(0, V, (N,), generator=g)
     t[::7] = -100
@@ -437,7 +425,7 @@ def _ce_inputs(N, V, dtype=f32, key="mem"):
 
 
 def test_budget_is_settable_and_restorable(budget):
-    default = crossent.options.DEFAULT_MEMORY_BUDGET
+    default = internals.options_module().DEFAULT_MEMORY_BUDGET
     assert crossent.get_memory_budget() == default
     assert budget(12345) == default and crossent.get_memory_budget() == 12345
     assert crossent.set_memory_budget(None) == 12345 and crossent.get_memory_budget() == default
@@ -505,8 +493,7 @@ def test_linear_overhead_is_bounded_by_the_budget_and_not_by_n(budget, dtype, sc
     ignored tokens, add the float32 copy of the kept hidden rows and the float32 ∂hidden
     accumulator (4 bytes per kept hidden element each; docs/guide.md, the two schedules).
     ("auto" takes "vocab" here: the token accumulator would exceed the budget.)"""
-    from crossent.torch_impl.linear_cross_entropy import choose_schedule
-
+    choose_schedule = internals.torch_linear().choose_schedule
     D, V = 128, 512
     nbytes = 192 * 1024
     budget(nbytes)
@@ -515,7 +502,7 @@ def test_linear_overhead_is_bounded_by_the_budget_and_not_by_n(budget, dtype, sc
     weight_accumulator = 2 * 4 * V * D if chosen == "token" and dtype != f32 else 0
     overhead = {}
     for N in (1024, 4096):
-        g = _gen(f"linear-mem-{N}")
+        g = gen(f"linear-mem-{N}")
         hidden = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
         weight = (torch.randn(V, D, generator=g) / 8).to(dtype).requires_grad_()
         t = torch.randint(0, V, (N,), generator=g)
@@ -547,7 +534,7 @@ def test_one_byte_budget_runs_one_token_per_chunk(budget, soft):
     N, V = 64, 4096
     x, t = _ce_inputs(N, V, key="tiny")
     if soft:
-        t = torch.softmax(torch.randn(N, V, generator=_gen("tiny-soft")), -1)
+        t = torch.softmax(torch.randn(N, V, generator=gen("tiny-soft")), -1)
     kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=20.0, return_aux=True)
 
     def run(**extra):
@@ -580,7 +567,7 @@ def test_one_byte_budget_runs_one_token_per_chunk(budget, soft):
 def test_one_byte_budget_linear(budget, schedule):
     """linear_cross_entropy at a budget of 1 byte: one token (or one vocabulary row) per chunk,
     the same bits as ``chunk_size=1``, right by the §6 rule."""
-    g = _gen(f"tiny-linear-{schedule}")
+    g = gen(f"tiny-linear-{schedule}")
     N, D, V = 12, 9, 40
     hidden, weight = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) / 3
     bias = torch.randn(V, generator=g)

@@ -1,165 +1,49 @@
-"""The public loss functions: validate every argument, then dispatch on ``impl``.
+"""The public loss functions: validate every argument, then hand one config to the core.
 
-Nothing here computes a loss: the backends do (``torch_impl`` for every device, ``triton_impl``
-for CUDA tensors, imported only when used).
+Nothing here computes a loss: :mod:`crossent.core.autograd` runs the op, whose kernels come from
+the backend the call picks (the PyTorch loops of :mod:`crossent.core` for every device; the Triton
+kernels of :mod:`crossent.backends.triton` for CUDA tensors, imported only when used).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from .loss_aux import LossAux
+from . import backends
+from .core import autograd
+from .core.config import OpConfig
+from .core.linear import choose_schedule
+from .loss_aux import build_aux, fused_result
 from .options import LossOptions, document
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# --------------------------------------------------------------------------------------------
-# Validation of tensors (DESIGN.md §3): raise before any kernel runs, naming the argument, the
-# expected form and what was given.
-# --------------------------------------------------------------------------------------------
-
-
-def _shape(t: Tensor) -> str:
-    return str(tuple(t.shape))
-
-
-def check_tensor(name: str, value, expected: str) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor ({expected}), got {type(value).__name__}")
-    return value
-
-
-def check_float(name: str, t: Tensor, expected: str) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64) {expected}, got dtype {t.dtype}"
-        )
+from .validation import (
+    cast_like_linear,
+    check_class_weight,
+    check_devices,
+    check_float,
+    check_inplace_backward,
+    check_linear_inputs,
+    check_shift_target,
+    check_target,
+    check_target_range,
+    check_tensor,
+    choose_impl,
+    is_dtensor,
+    pick_class_weight,
+    shape_of,
+    shift_target,
+)
 
 
-def check_devices(**tensors: Tensor | None) -> torch.device:
-    """All given tensors on one device; returns it."""
-    present = {k: v for k, v in tensors.items() if v is not None}
-    first_name, first = next(iter(present.items()))
-    for name, t in present.items():
-        if t.device != first.device:
-            raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first.device}: "
-                "every tensor of a loss call must be on one device"
-            )
-    return first.device
-
-
-def check_class_weight(name: str, weight: Tensor | None, vocab_size: int) -> None:
-    if weight is None:
-        return
-    check_tensor(name, weight, f"({vocab_size},) class weights")
-    check_float(name, weight, f"of shape ({vocab_size},)")
-    if weight.dim() != 1 or weight.shape[0] != vocab_size:
-        raise ValueError(f"{name} must have shape ({vocab_size},) (one weight per class), got {_shape(weight)}")
-
-
-def pick_class_weight(weight: Tensor | None, class_weight: Tensor | None) -> Tensor | None:
-    if weight is not None and class_weight is not None:
-        raise ValueError("give class weights as weight= or as class_weight=, not both")
-    return weight if weight is not None else class_weight
-
-
-def check_target(target, lead_shape: torch.Size, vocab_size: int, *, allow_soft: bool, where: str) -> bool:
-    """Validate a hard (...) or soft (..., V) target against the logits; return True if soft."""
-    lead = tuple(lead_shape)
-    check_tensor("target", target, f"class ids of shape {lead}")
-    if target.is_floating_point():
-        if not allow_soft:
-            raise TypeError(f"target must hold integer class ids of shape {lead} for {where}, got dtype {target.dtype}")
-        if tuple(target.shape) != lead + (vocab_size,):
-            raise ValueError(
-                f"soft target must have the logits' shape {lead + (vocab_size,)} "
-                f"(probabilities over the last dim), got {_shape(target)}"
-            )
-        return True
-    if target.dtype == torch.bool or target.is_complex():
-        raise TypeError(f"target must hold integer class ids (or float probabilities), got dtype {target.dtype}")
-    if tuple(target.shape) != lead:
-        raise ValueError(
-            f"target must have shape {lead} (the logits' leading dims; the class dim is last), got {_shape(target)}"
-        )
-    return False
-
-
-def check_target_range(target: Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Eager CPU only: an IndexError naming the first bad position and value (no host sync
-    elsewhere: there an out-of-range id gives a NaN loss)."""
-    if target.device.type != "cpu" or torch.compiler.is_compiling() or target.numel() == 0:
-        return
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
-    if bool(bad.any()):
-        position = tuple(int(i) for i in bad.nonzero()[0])
-        value = int(target[position])
-        raise IndexError(
-            f"target {value} at position {position} is outside [0, {vocab_size}) "
-            f"(and is not ignore_index={ignore_index})"
-        )
-
-
-def may_overlap(t: Tensor) -> bool:
-    """Whether two elements of ``t`` may share memory (e.g. an ``expand``ed tensor), from its
-    sizes and strides alone: True unless each dim's stride clears the span of the smaller ones."""
-    dims = sorted((abs(st), n) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
-    span = 0  # elements covered by the dims of smaller stride, minus one
-    for stride, size in dims:
-        if stride <= span:
-            return True
-        span += (size - 1) * stride
-    return False
-
-
-def check_inplace_backward(logits: Tensor, inplace_backward: bool) -> None:
-    if inplace_backward and logits.requires_grad and may_overlap(logits):
-        raise ValueError(
-            "inplace_backward=True writes the gradient into the logits' storage, but elements of these "
-            f"logits share memory (shape {_shape(logits)}, strides {tuple(logits.stride())}, e.g. from "
-            "expand()); pass inplace_backward=False, or logits.contiguous()"
-        )
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def choose_impl(impl: str, device: torch.device) -> str:
-    """``"auto"``: Triton for CUDA tensors when it is installed, else PyTorch."""
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if impl == "triton":
-        if not triton_available():
-            raise ValueError(
-                'impl="triton" needs the triton package (pip install crossent[triton]), '
-                'which is not installed; use impl="torch" or "auto"'
-            )
-        if device.type != "cuda" and not interpreter_on():
-            raise ValueError(
-                f'impl="triton" needs CUDA tensors, got tensors on {device} '
-                "(or set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
-            )
-    return impl
-
-
-def _triton_backend():
-    from . import triton_impl
-
-    return triton_impl
+def backend_for(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs a call: ``impl`` resolved for the device (``choose_impl``), then
+    float64 to PyTorch (a Triton kernel's float arguments are float32: options like ε or s would
+    be rounded before a float64 kernel saw them). Loads the chosen backend's kernels."""
+    name = choose_impl(impl, device)
+    if dtype == torch.float64:
+        name = "torch"
+    backends.load(name)
+    return name
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,21 +53,10 @@ def _triton_backend():
 
 @document
 def cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    *,
-    weight: Tensor | None = None,
-    class_weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    inplace_backward: bool = False,
-    chunk_size: int | None = None,
-    return_aux: bool = False,
-    impl: str = "auto",
+    logits: Tensor, target: Tensor, *, weight: Tensor | None = None, class_weight: Tensor | None = None,
+    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+    softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
+    chunk_size: int | None = None, return_aux: bool = False, impl: str = "auto",
 ):
     """Cross entropy (with z-loss) of logits against class ids or probabilities, exact and lean.
 
@@ -219,78 +92,23 @@ def cross_entropy(
     check_tensor("logits", logits, "(..., V) floating")
     check_float("logits", logits, "of shape (..., V)")
     if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must have shape (..., V) with V >= 1 classes, got {_shape(logits)}")
-    opts = LossOptions(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        chunk_size=chunk_size,
-        return_aux=return_aux,
-        impl=impl,
-        inplace_backward=inplace_backward,
-    )
+        raise ValueError(f"logits must have shape (..., V) with V >= 1 classes, got {shape_of(logits)}")
+    opts = LossOptions.from_arguments(locals())
     V = logits.shape[-1]
     soft = check_target(target, logits.shape[:-1], V, allow_soft=True, where="cross_entropy")
     weight = pick_class_weight(weight, class_weight)
     check_class_weight("weight" if class_weight is None else "class_weight", weight, V)
     device = check_devices(logits=logits, target=target, weight=weight)
-    backend = choose_impl(opts.impl, device)
+    backend = backend_for(opts.impl, device, logits.dtype)
     if not soft:
         check_target_range(target, V, opts.ignore_index)
     check_inplace_backward(logits, opts.inplace_backward)
-    if backend == "triton":
-        loss, m, log_s, denominator, aux = _triton_backend().cross_entropy_op(logits, target, weight, opts)
-    else:
-        from .torch_impl.cross_entropy import cross_entropy_op
-
-        loss, m, log_s, denominator, aux = cross_entropy_op(
-            logits,
-            target,
-            weight,
-            ignore_index=opts.ignore_index,
-            reduction=opts.reduction,
-            label_smoothing=opts.label_smoothing,
-            z_loss=opts.z_loss,
-            softcap=opts.softcap,
-            logit_scale=opts.logit_scale,
-            chunk_size=opts.chunk_size,
-            inplace_backward=opts.inplace_backward,
-            want_aux=opts.return_aux,
-        )
+    config = OpConfig.of(opts, backend)
+    loss, m, log_s, denominator, aux = autograd.cross_entropy(logits, target, weight, config, opts.inplace_backward)
     if not opts.return_aux:
         return loss
     keep = None if soft else target != opts.ignore_index
     return loss, build_aux(aux, m, log_s, denominator, keep, logits.shape[:-1], opts.reduction)
-
-
-def build_aux(
-    aux: Tensor,
-    m: Tensor,
-    log_s: Tensor,
-    denominator: Tensor,
-    keep: Tensor | None,
-    lead_shape,
-    reduction: str,
-) -> LossAux:
-    """Assemble :class:`LossAux` from a backend's per-token columns (ce, z-loss, entropy, correct)."""
-    from .torch_impl.rows import reduce
-
-    aux, m, log_s, denominator = aux.detach(), m.detach(), log_s.detach(), denominator.detach()
-    n_tokens = keep.sum() if keep is not None else torch.tensor(m.shape[0], device=m.device)
-    correct = aux[:, 3].sum()
-    accuracy = torch.where(n_tokens > 0, correct / n_tokens.clamp(min=1), torch.zeros_like(correct))
-    return LossAux(
-        ce=reduce(aux[:, 0], reduction, denominator).reshape(lead_shape if reduction == "none" else ()),
-        z_loss=reduce(aux[:, 1], reduction, denominator).reshape(lead_shape if reduction == "none" else ()),
-        lse=(m + log_s).reshape(lead_shape),
-        entropy=aux[:, 2].reshape(lead_shape),
-        n_tokens=n_tokens.to(torch.int64),
-        weight_sum=denominator.to(torch.float32),
-        accuracy=accuracy.to(torch.float32),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,8 +116,8 @@ def build_aux(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_not_dtensor(name: str, t: Tensor) -> None:
-    if type(t).__name__ == "DTensor":
+def _reject_sharded(name: str, t: Tensor) -> None:
+    if is_dtensor(t):
         raise TypeError(
             f"{name} is a sharded DTensor (e.g. from FSDP2's fully_shard); linear_cross_entropy needs the "
             "full local tensor. Use crossent.LinearCrossEntropyHead as the model's classifier (its forward "
@@ -307,37 +125,12 @@ def _check_not_dtensor(name: str, t: Tensor) -> None:
         )
 
 
-def shift_target(target: Tensor, shift: int, ignore_index: int) -> Tensor:
-    """Align a causal target with every position: position t gets ``target[..., t + shift]``
-    and the last ``shift`` positions get ``ignore_index`` (as Hugging Face pads its labels)."""
-    if shift == 0:
-        return target
-    T = target.shape[-1]
-    if shift >= T:
-        return torch.full_like(target, ignore_index)
-    pad = torch.full(target.shape[:-1] + (shift,), ignore_index, dtype=target.dtype, device=target.device)
-    return torch.cat([target[..., shift:], pad], dim=-1)
-
-
 @document
 def linear_cross_entropy(
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    *,
-    bias: Tensor | None = None,
-    class_weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    shift: int = 0,
-    chunk_size: int | None = None,
-    schedule: str = "auto",
-    return_aux: bool = False,
-    impl: str = "auto",
+    hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Tensor | None = None, class_weight: Tensor | None = None,
+    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+    softcap: float | None = None, logit_scale: float = 1.0, shift: int = 0, chunk_size: int | None = None,
+    schedule: str = "auto", return_aux: bool = False, impl: str = "auto",
 ):
     """The classifier and the loss fused: ``cross_entropy(hidden @ weight.T + bias, target)``
     computed without ever holding the (N, V) logits.
@@ -374,83 +167,18 @@ def linear_cross_entropy(
         >>> lm_head.weight.grad.shape
         torch.Size([1000, 16])
     """
-    check_tensor("hidden", hidden, "(..., D) floating")
-    check_tensor("weight", weight, "(V, D) floating")
-    _check_not_dtensor("weight", weight)
-    check_float("hidden", hidden, "of shape (..., D)")
-    check_float("weight", weight, "of shape (V, D)")
-    if hidden.dim() < 1:
-        raise ValueError(f"hidden must have shape (..., D), got {_shape(hidden)}")
-    if weight.dim() != 2 or weight.shape[0] < 1:
-        raise ValueError(f"weight must have shape (V, D) with V >= 1 (nn.Linear layout), got {_shape(weight)}")
-    V, D = weight.shape
-    if hidden.shape[-1] != D:
-        raise ValueError(
-            f"hidden's last dim must equal weight's D={D} (weight is (V, D) = {tuple(weight.shape)}), "
-            f"got hidden of shape {_shape(hidden)}"
-        )
-    if bias is not None:
-        check_tensor("bias", bias, f"({V},)")
-        _check_not_dtensor("bias", bias)
-        check_float("bias", bias, f"of shape ({V},)")
-        if bias.dim() != 1 or bias.shape[0] != V:
-            raise ValueError(f"bias must have shape ({V},) (one per class of weight), got {_shape(bias)}")
-    opts = LossOptions(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        chunk_size=chunk_size,
-        return_aux=return_aux,
-        impl=impl,
-        shift=shift,
-        schedule=schedule,
-    )
+    V, D = check_linear_inputs(hidden, weight, bias, reject_dtensor=_reject_sharded)
+    opts = LossOptions.from_arguments(locals())
     check_target(target, hidden.shape[:-1], V, allow_soft=False, where="linear_cross_entropy")
-    if opts.shift and target.dim() < 1:
-        raise ValueError(f"shift={opts.shift} needs a target with a sequence dim (..., T), got {_shape(target)}")
+    check_shift_target(opts.shift, target)
     check_class_weight("class_weight", class_weight, V)
     device = check_devices(hidden=hidden, weight=weight, target=target, bias=bias, class_weight=class_weight)
-    autocast = torch.is_autocast_enabled(device.type)
-    if autocast:
-        # cast as autocast casts F.linear: every operand that is not float64 to the autocast dtype
-        dtype = torch.get_autocast_dtype(device.type)
-
-        def cast(t):
-            return t.to(dtype) if t is not None and t.dtype != torch.float64 else t
-
-        hidden, weight, bias = cast(hidden), cast(weight), cast(bias)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != hidden.dtype:
-            where = "after torch.autocast's casts" if autocast else "outside torch.autocast"
-            raise TypeError(
-                f"hidden, weight and bias must share one dtype ({where}); got hidden {hidden.dtype} and "
-                f"{name} {t.dtype}"
-            )
-    backend = choose_impl(opts.impl, device)
+    hidden, weight, bias = cast_like_linear(hidden, weight, bias, ("hidden", "weight", "bias"))
+    backend = backend_for(opts.impl, device, hidden.dtype)
     check_target_range(target, V, opts.ignore_index)
     aligned = shift_target(target, opts.shift, opts.ignore_index)
-
-    from .torch_impl.linear_cross_entropy import choose_schedule
-
-    sched = choose_schedule(opts.schedule, V, D, weight, weight.requires_grad and torch.is_grad_enabled())
+    schedule = choose_schedule(opts.schedule, V, D, weight, weight.requires_grad and torch.is_grad_enabled())
+    config = OpConfig.of(opts, backend, schedule=schedule)
     hidden2d = hidden.reshape(-1, D)  # a view whenever the leading dims allow it
-    target1d = aligned.reshape(-1)
-    if backend == "triton":
-        run = _triton_backend().linear_cross_entropy_op
-    else:
-        from .torch_impl.linear_cross_entropy import linear_cross_entropy_op as run
-    loss, m, log_s, denominator, aux = run(hidden2d, weight, bias, target1d, class_weight, opts, sched)
-    lead = hidden.shape[:-1]
-    if opts.reduction == "none":
-        loss = loss.reshape(lead)
-    if not opts.return_aux:
-        return loss
-    keep = aligned != opts.ignore_index
-    aux_out = build_aux(aux, m, log_s, denominator, keep, lead, opts.reduction)
-    zero = torch.zeros((), dtype=aux_out.lse.dtype, device=device)
-    return loss, aux_out._replace(
-        lse=torch.where(keep, aux_out.lse, zero), entropy=torch.where(keep, aux_out.entropy, zero)
-    )
+    outputs = autograd.linear_cross_entropy(hidden2d, weight, bias, aligned.reshape(-1), class_weight, config)
+    return fused_result(outputs, aligned, opts.reduction, opts.ignore_index, opts.return_aux)

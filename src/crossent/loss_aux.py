@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
+
+from .core.rows import reduce
 
 
 class LossAux(NamedTuple):
@@ -46,3 +49,55 @@ class LossAux(NamedTuple):
     n_tokens: Tensor
     weight_sum: Tensor
     accuracy: Tensor
+
+
+def build_aux(
+    aux: Tensor,
+    m: Tensor,
+    log_s: Tensor,
+    denominator: Tensor,
+    keep: Tensor | None,
+    lead_shape,
+    reduction: str,
+    *,
+    zero_ignored: bool = False,
+) -> LossAux:
+    """Assemble :class:`LossAux` from a backend's per-token columns (ce, z-loss, entropy, correct).
+
+    ``keep`` marks the kept tokens (None: every row, soft targets); with ``zero_ignored`` the
+    per-token ``lse`` and ``entropy`` are 0 where a token is not kept (the fused losses, which
+    never read the logits of an ignored token).
+    """
+    aux, m, log_s, denominator = aux.detach(), m.detach(), log_s.detach(), denominator.detach()
+    n_tokens = keep.sum() if keep is not None else torch.tensor(m.shape[0], device=m.device)
+    correct = aux[:, 3].sum()
+    accuracy = torch.where(n_tokens > 0, correct / n_tokens.clamp(min=1), torch.zeros_like(correct))
+    lse, entropy = (m + log_s).reshape(lead_shape), aux[:, 2].reshape(lead_shape)
+    if zero_ignored:
+        kept = keep.reshape(lead_shape)
+        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+        lse, entropy = torch.where(kept, lse, zero), torch.where(kept, entropy, zero)
+    reduced_shape = lead_shape if reduction == "none" else ()
+    return LossAux(
+        ce=reduce(aux[:, 0], reduction, denominator).reshape(reduced_shape),
+        z_loss=reduce(aux[:, 1], reduction, denominator).reshape(reduced_shape),
+        lse=lse,
+        entropy=entropy,
+        n_tokens=n_tokens.to(torch.int64),
+        weight_sum=denominator.to(torch.float32),
+        accuracy=accuracy.to(torch.float32),
+    )
+
+
+def fused_result(outputs, aligned: Tensor, reduction: str, ignore_index: int, return_aux: bool):
+    """What a fused (classifier + loss) call returns, from its op's (loss, m, log_s, denominator,
+    aux) and its shifted target: the loss in the target's shape for ``"none"``, and with
+    ``return_aux`` its :class:`LossAux` (``lse`` and ``entropy`` 0 at ignored positions)."""
+    loss, m, log_s, denominator, aux = outputs
+    lead = aligned.shape
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_aux:
+        return loss
+    keep = aligned != ignore_index
+    return loss, build_aux(aux, m, log_s, denominator, keep, lead, reduction, zero_ignored=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import check_class_weight, check_tensor, cross_entropy, linear_cross_entropy, pick_class_weight
-from .options import LossOptions
+from .functional import cross_entropy, linear_cross_entropy
+from .options import CROSS_ENTROPY_OPTIONS, LINEAR_OPTIONS, LossOptions
+from .validation import check_class_weight, check_tensor, pick_class_weight
 
 
 class CrossEntropyLoss(nn.Module):
@@ -43,22 +44,7 @@ class CrossEntropyLoss(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, logits: Tensor, target: Tensor):
-        o = self.options
-        return cross_entropy(
-            logits,
-            target,
-            weight=self.weight,
-            ignore_index=o.ignore_index,
-            reduction=o.reduction,
-            label_smoothing=o.label_smoothing,
-            z_loss=o.z_loss,
-            softcap=o.softcap,
-            logit_scale=o.logit_scale,
-            inplace_backward=o.inplace_backward,
-            chunk_size=o.chunk_size,
-            return_aux=o.return_aux,
-            impl=o.impl,
-        )
+        return cross_entropy(logits, target, weight=self.weight, **self.options.keywords(CROSS_ENTROPY_OPTIONS))
 
     def extra_repr(self) -> str:
         defaults = LossOptions()
@@ -99,26 +85,10 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None):
         return linear_cross_entropy(
-            hidden, weight, target, bias=bias, class_weight=self.class_weight, **_linear_options(self.options)
+            hidden, weight, target, bias=bias, class_weight=self.class_weight, **self.options.keywords(LINEAR_OPTIONS)
         )
 
     extra_repr = CrossEntropyLoss.extra_repr
-
-
-def _linear_options(o: LossOptions) -> dict:
-    return dict(
-        ignore_index=o.ignore_index,
-        reduction=o.reduction,
-        label_smoothing=o.label_smoothing,
-        z_loss=o.z_loss,
-        softcap=o.softcap,
-        logit_scale=o.logit_scale,
-        shift=o.shift,
-        chunk_size=o.chunk_size,
-        schedule=o.schedule,
-        return_aux=o.return_aux,
-        impl=o.impl,
-    )
 
 
 class LinearCrossEntropyHead(nn.Linear):
@@ -172,6 +142,6 @@ class LinearCrossEntropyHead(nn.Linear):
     def forward(self, hidden: Tensor, target: Tensor | None = None):
         if target is None:
             return super().forward(hidden)
-        return linear_cross_entropy(
-            hidden, self.weight, target, bias=self.bias, class_weight=self.class_weight, **_linear_options(self.options)
-        )
+        options = self.options.keywords(LINEAR_OPTIONS)
+        class_weight = self.class_weight
+        return linear_cross_entropy(hidden, self.weight, target, bias=self.bias, class_weight=class_weight, **options)

@@ -14,11 +14,20 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from typing import TypeVar
 
 REDUCTIONS = ("mean", "sum", "none")
+#: The option keywords of each public loss, in signature order (modules pass them on whole).
+CROSS_ENTROPY_OPTIONS = (
+    "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale",
+    "inplace_backward", "chunk_size", "return_aux", "impl",
+)  # fmt: skip
+LINEAR_OPTIONS = (
+    "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale",
+    "shift", "chunk_size", "schedule", "return_aux", "impl",
+)  # fmt: skip
 IMPLS = ("auto", "torch", "triton")
 SCHEDULES = ("auto", "token", "vocab")
 
@@ -92,6 +101,37 @@ def rows_per_chunk(row_bytes: int, *, buffers: int = 1, cap: int | None = None, 
 
 
 # --------------------------------------------------------------------------------------------
+# Chunking constants of the loops (the measurements behind them: benchmarks/RESULTS.md)
+# --------------------------------------------------------------------------------------------
+
+#: A chunk of rows stops growing at this many elements (4 MiB of float32) even when the budget
+#: allows more: larger chunks leave the caches, while smaller ones multiply the short
+#: multi-threaded kernels, each of which waits for every thread (costly on a shared machine).
+#: The linear loops also run their row math on blocks of this size inside a chunk.
+CHUNK_ELEMENTS = 1 << 20
+
+#: Token chunks of the linear "token" schedule larger than this gain nothing in product efficiency.
+MAX_TOKEN_ROWS = 1024
+
+#: Automatic linear chunks (tokens or classes) of 16 or more rows are cut to a multiple of this:
+#: the CPU matrix products run tiles of 8 floats, and a ragged edge costs more than its share.
+PRODUCT_ROWS_MULTIPLE = 8
+
+#: On the CPU the logits product runs over blocks of the classifier of about this many bytes, each
+#: of which stays in the caches while every token of a chunk meets it (one product over the whole
+#: classifier re-reads all of it from memory for every chunk of tokens).
+PRODUCT_BLOCK_BYTES = 2 << 20
+
+#: The Triton backend's "token" schedule: at most this many tokens per chunk (on a GPU the memory
+#: budget usually binds first).
+TRITON_MAX_TOKEN_ROWS = 8192
+
+#: The Triton backend's automatic linear chunks of 128 or more rows are cut to a multiple of this
+#: (whole GEMM tiles of the GPU products).
+GEMM_TILE_ROWS = 64
+
+
+# --------------------------------------------------------------------------------------------
 # The validated options
 # --------------------------------------------------------------------------------------------
 
@@ -154,6 +194,15 @@ class LossOptions:
     shift: int = 0
     schedule: str = "auto"
 
+    @classmethod
+    def from_arguments(cls, arguments: Mapping) -> LossOptions:
+        """The options among a public function's arguments (its ``locals()``), validated."""
+        return cls(**{name: arguments[name] for name in OPTION_NAMES if name in arguments})
+
+    def keywords(self, names: tuple[str, ...]) -> dict:
+        """The options ``names`` as keyword arguments (to pass them on to a public function)."""
+        return {name: getattr(self, name) for name in names}
+
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalise the values once, here
         put(self, "ignore_index", _integer("ignore_index", self.ignore_index, "an int"))
@@ -192,6 +241,10 @@ class LossOptions:
             raise ValueError(f"shift must be an int >= 0 (True == 1), got {shift!r}")
         put(self, "shift", shift)
         put(self, "schedule", _choice("schedule", self.schedule, SCHEDULES))
+
+
+#: Every option's name (read once: a compiled caller does not re-inspect the dataclass).
+OPTION_NAMES = tuple(f.name for f in fields(LossOptions))
 
 
 # --------------------------------------------------------------------------------------------

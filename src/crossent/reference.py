@@ -49,17 +49,9 @@ def scores(logits: Tensor, *, softcap: float | None = None, logit_scale: float =
 
 
 def cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    *,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    return_aux: bool = False,
+    logits: Tensor, target: Tensor, *, weight: Tensor | None = None, ignore_index: int = -100,
+    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+    logit_scale: float = 1.0, return_aux: bool = False,
 ):
     """DESIGN.md §1 in float64 for logits (..., V) and a hard (...) or soft (..., V) target.
 

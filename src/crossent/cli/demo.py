@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ..seed import SEED_LOGITS, SEED_TARGETS
+
 RULE = "=" * 100
 
 
@@ -44,19 +46,17 @@ def stability_cases() -> list[tuple[str, torch.Tensor, int]]:
 
 
 def walkthrough() -> None:
-    from .reference import explain
+    from ..reference import explain
 
     print(RULE)
     print("crossent demo — part 1: the seed's walkthrough (`crossent explain`)")
     print(RULE)
-    from .cli import SEED_LOGITS, SEED_TARGETS
-
     print(explain(torch.tensor(SEED_LOGITS, dtype=torch.float64), torch.tensor(SEED_TARGETS)))
 
 
 def stability_table() -> None:
-    from . import cross_entropy
-    from .reference import cross_entropy as reference_cross_entropy
+    from ..functional import cross_entropy
+    from ..reference import cross_entropy as reference_cross_entropy
 
     print(RULE)
     print("part 2: why the maximum is subtracted — extreme logits, loss of the marked target")
@@ -80,8 +80,8 @@ def memory_demo(n_tokens: int = 512, hidden_size: int = 256, vocab_size: int = 1
     """The fused classifier + loss beside eager PyTorch at a Llama-3-sized vocabulary."""
     import torch.nn.functional as F
 
-    from . import linear_cross_entropy
-    from .measure import peak_extra_rss, timed
+    from ..functional import linear_cross_entropy
+    from ..measure import peak_extra_rss, timed
 
     print(RULE)
     print(f"part 3: classifier + loss fused — N={n_tokens} tokens, D={hidden_size}, V={vocab_size}, float32")

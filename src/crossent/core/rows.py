@@ -4,7 +4,7 @@ Two shapes of chunk occur. A *row chunk* is r whole rows of logits (r, V): :func
 computes, in the accumulation dtype (float32, float64 for float64 inputs), the per-token
 ``(m, log S)`` pair, the loss terms and what ``return_aux`` reports, and when asked the gradient,
 scaled per row by ``g``. A *vocabulary block* is the columns ``[col0, col0 + w)`` of every row:
-:class:`OnlineStats` merges blocks into the same per-token statistics (DESIGN.md §1's online
+:class:`crossent.core.online.OnlineStats` merges blocks into the same per-token statistics (DESIGN.md §1's online
 ``(m, S)`` merge), and :func:`backward_rows` recomputes the gradient of any block — a whole row
 being the block ``col0 = 0, w = V`` — from the saved pair, as ``exp((z - m) - log S)``. Both
 loops end in :func:`finish_rows`, so the loss has one formula. Everything works in caller-owned
@@ -62,6 +62,14 @@ def target_terms(target: Tensor, weight: Tensor | None, vocab_size: int, ignore_
     return TargetTerms(y=y, keep=keep, w_y=w_y, denominator=w_y.sum())
 
 
+def class_weights(weight: Tensor | None, vocab_size: int, acc, device) -> tuple[Tensor | None, Tensor]:
+    """Class weights in the accumulation dtype, and their sum Σ_j w_j (V without weights)."""
+    if weight is None:
+        return None, torch.tensor(float(vocab_size), dtype=acc, device=device)
+    w = weight.to(acc).contiguous()
+    return w, w.sum()
+
+
 def reduction_scale(reduction: str, denominator: Tensor) -> Tensor:
     """The factor ``d loss / d ℓ_i`` of every token: 1/denominator for "mean" (0 when it is 0)."""
     one = torch.ones_like(denominator)
@@ -96,13 +104,13 @@ LOG2_E = 1.4426950408889634
 def exp_(z: Tensor, out: Tensor | None = None) -> Tensor:
     """``e^z`` of the shifted scores ``z`` (≤ 0), in place or into ``out``.
 
-    float32 on the CPU goes through ``2^(z·log2 e)``: ATen's vectorised ``exp2`` (AVX2) takes
-    0.6× the time of its ``exp``, the multiplication included, and ``exp`` is the largest part of
-    the loss's own work. The product's rounding adds ``|z|·2⁻²⁴`` to an element's relative error,
-    which is weighted by ``e^z`` itself wherever it matters (the sums, the largest gradient
-    elements): measured norm-wise against float64, the gradient's error goes from 2.1e-8 to 2.2e-8
-    (PyTorch's own log-softmax gradient: 4e-7). ``exp(0)`` stays exactly 1 and ``-inf`` gives 0.
-    Elsewhere (float64, other devices, where the extra pass would cost more) plain ``exp``.
+    float32 on the CPU goes through ``2^(z·log2 e)``: ATen's vectorised ``exp2`` is cheaper than
+    its ``exp``, the multiplication included, and ``exp`` is the largest part of the loss's own
+    work (docs/guide.md, "Exponentials"). The product's rounding adds ``|z|·2⁻²⁴`` to an
+    element's relative error, which is weighted by ``e^z`` itself wherever it matters (the sums,
+    the largest gradient elements), so the norm-wise error stays far below PyTorch's own
+    (docs/math.md). ``exp(0)`` stays exactly 1 and ``-inf`` gives 0. Elsewhere (float64, other
+    devices, where the extra pass would cost more) plain ``exp``.
     """
     if z.dtype == torch.float32 and z.device.type == "cpu":
         return torch.mul(z, LOG2_E, out=z if out is None else out).exp2_()
@@ -187,6 +195,10 @@ class RowSums:
         return RowSums(**{k: (v[lo:hi] if v is not None else None) for k, v in vars(self).items()})
 
 
+#: Per-token columns that ``return_aux`` adds: ce, z-loss, entropy, correct.
+AUX_COLUMNS = 4
+
+
 @dataclass
 class RowStats:
     """Per-token results (accumulation dtype)."""
@@ -198,6 +210,12 @@ class RowStats:
     zl: Tensor | None = None  # with aux
     entropy: Tensor | None = None  # with aux
     correct: Tensor | None = None  # with aux: 1.0 where the argmax is the target and the token is kept
+
+    def aux_columns(self) -> Tensor:
+        """(N, AUX_COLUMNS): ce, z-loss, entropy and correct per token; (0, AUX_COLUMNS) without aux."""
+        if self.ce is None:
+            return torch.empty((0, AUX_COLUMNS), dtype=self.m.dtype, device=self.m.device)
+        return torch.stack([self.ce, self.zl, self.entropy, self.correct], dim=-1)
 
 
 def finish_rows(
@@ -305,11 +323,11 @@ def forward_rows(
     if opts.logit_scale == 1.0 and opts.softcap is None and x.stride(-1) == 1:
         # z = x: the maximum is taken on the input and the shift fused with the conversion (a
         # strided class dim is instead read once, by the copy of scores_into)
-        m, wide = _row_max(x, z.dtype, smooth_w)
+        m, wide = row_max(x, z.dtype, smooth_w)
         torch.sub(x, m.unsqueeze(-1), out=z)  # z_j - m: every exponent <= 0, one is exactly 0
     else:
         scores_into(z, x, opts, chain)
-        m, wide = _row_max(z, z.dtype, smooth_w)
+        m, wide = row_max(z, z.dtype, smooth_w)
         z.sub_(m.unsqueeze(-1))
     out.m.copy_(m)
     if want_aux:
@@ -324,12 +342,12 @@ def forward_rows(
         torch.gather(z, -1, y.unsqueeze(-1), out=out.z_y.unsqueeze(-1))
         if out.wz is not None:
             torch.mv(z, smooth_weight, out=out.wz)
-            _put_wide_rows(out.wz, wide)
+            put_wide_rows(out.wz, wide)
 
     e = z
     if want_aux:
         e = exp_(z, out=scratch.pop())
-        out.p_dot_z.copy_(rowdot(e, _finite_floor(z)))
+        out.p_dot_z.copy_(rowdot(e, finite_floor(z)))
     else:
         exp_(e)
     s = e.sum(-1)
@@ -356,10 +374,10 @@ def smoothing_sum_in_halves(scores: Tensor, m: Tensor, w: Tensor) -> Tensor:
     return (half @ w) * 2.0
 
 
-def _row_max(scores: Tensor, acc, smooth_weight: Tensor | None):
+def row_max(scores: Tensor, acc, smooth_weight: Tensor | None):
     """``(m, wide)``: the row maxima of ``scores`` in ``acc``, and with label smoothing the
     smoothing sums of the rows wider than the float range (``m - min`` not finite: there
-    ``z_j - m`` is -inf), taken in halves now, before ``m`` is subtracted (:func:`_put_wide_rows`
+    ``z_j - m`` is -inf), taken in halves now, before ``m`` is subtracted (:func:`put_wide_rows`
     puts them in place). On the CPU the min comes with the max (one pass) and only those rows
     are summed (finding them is a free host sync there); elsewhere every row is, without a sync.
     """
@@ -376,8 +394,8 @@ def _row_max(scores: Tensor, acc, smooth_weight: Tensor | None):
     return m, (rows, smoothing_sum_in_halves(scores[rows].to(acc), m[rows], smooth_weight))
 
 
-def _put_wide_rows(wz: Tensor, wide) -> None:
-    """Replace the smoothing sums of the rows :func:`_row_max` found too wide."""
+def put_wide_rows(wz: Tensor, wide) -> None:
+    """Replace the smoothing sums of the rows :func:`row_max` found too wide."""
     if wide is None:
         return
     rows, sums = wide
@@ -387,7 +405,7 @@ def _put_wide_rows(wz: Tensor, wide) -> None:
         wz[rows] = sums
 
 
-def _finite_floor(z: Tensor) -> Tensor:
+def finite_floor(z: Tensor) -> Tensor:
     """``z - m`` with -inf raised to the lowest finite value, so that ``e^(z-m)·(z-m)`` is 0, not
     NaN, where a logit is -inf (a masked class) or a row is wider than the float range."""
     return z.clamp_(min=torch.finfo(z.dtype).min)
@@ -435,86 +453,6 @@ def _coefficient(w_y, lse, opts: RowOptions, vocab_size: int, weight_sum, with_t
         zl = 2.0 * c * w_y * lse
         coef = zl if coef is None else coef + zl
     return coef
-
-
-class OnlineStats:
-    """Per-token statistics of rows seen one vocabulary block at a time (the "vocab" loops).
-
-    Each :meth:`update` takes the scores of columns ``[col0, col0 + w)`` for every token and
-    merges them into the running pair with DESIGN.md §1's rule ``m' = max(m1, m2)``,
-    ``S' = S1·e^(m1−m') + S2·e^(m2−m')``, together with the target score, the smoothing sum
-    ``(ε/V)·Σ w_j (z_j − m)`` (``V`` = ``vocab_size``, the whole vocabulary's) and, for
-    ``return_aux``, the entropy sum and the argmax.
-    """
-
-    def __init__(self, opts: RowOptions, vocab_size: int, *, weight_sum: Tensor, y: Tensor, want_aux: bool):
-        self.opts, self.weight_sum, self.y, self.want_aux = opts, weight_sum, y, want_aux
-        self.smooth_scale = opts.label_smoothing / vocab_size  # ε/V of the whole vocabulary
-        self.m = self.s = self.z_y = self.wz = self.w_seen = self.ent = self.best = None
-
-    def update(self, z: Tensor, col0: int, weight: Tensor | None, scratch: Tensor | None = None) -> None:
-        """Merge the block ``z`` (N, w) of scaled, capped scores; ``z`` is overwritten.
-
-        ``weight`` is the block's slice of the class weights; ``scratch`` an (N, w) buffer
-        (needed only with ``want_aux``).
-        """
-        width = z.shape[-1]
-        local = self.y - col0
-        inside = (local >= 0) & (local < width)
-        z_y = z.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)  # raw score
-        smooth = self.opts.label_smoothing != 0.0
-        w = None
-        if smooth:  # pre-scaled by ε/V (see smoothing_weights)
-            w = torch.full((width,), self.smooth_scale, dtype=z.dtype, device=z.device)
-            if weight is not None:
-                w = w * weight
-            w_b = w.sum()
-        m_b, wide = _row_max(z, z.dtype, w)
-        if self.want_aux:
-            best_b = z.argmax(-1) + col0
-        z.sub_(m_b.unsqueeze(-1))
-        if smooth:
-            wz_b = z @ w
-            _put_wide_rows(wz_b, wide)
-        if self.want_aux:
-            e = exp_(z, out=scratch)
-            t_b = rowdot(e, _finite_floor(z))
-        else:
-            e = exp_(z)
-        s_b = e.sum(-1)
-
-        if self.m is None:  # the first block
-            self.m, self.s = m_b, s_b
-            self.z_y = torch.where(inside, z_y, torch.full_like(z_y, float("nan")))
-            if smooth:
-                self.wz, self.w_seen = wz_b, w_b
-            if self.want_aux:
-                self.ent, self.best = t_b, best_b
-            return
-        m = torch.maximum(self.m, m_b)
-        d_old, d_new = self.m - m, m_b - m  # <= 0; exactly 0 for the block holding the maximum
-        a, b = torch.exp(d_old), torch.exp(d_new)
-        if self.want_aux:  # Σ e^(z−m)(z−m) = e^(m_b−m)·(Σ e^(z−m_b)(z−m_b) + (m_b−m)·S_b)
-            self.ent = weighted(a, self.ent + d_old * self.s) + weighted(b, t_b + d_new * s_b)
-            self.best = torch.where(m_b > self.m, best_b, self.best)  # ties keep the first index
-        self.s = a * self.s + b * s_b
-        if smooth:  # Σ w_j (z_j − m) = Σ w_j (z_j − m_b) + (m_b − m)·Σ w_j, per block (w pre-scaled);
-            # the differences of maxima in halves, which cannot overflow
-            half_old, half_new = self.m * 0.5 - m * 0.5, m_b * 0.5 - m * 0.5
-            self.wz = self.wz + 2.0 * (half_old * self.w_seen) + wz_b + 2.0 * (half_new * w_b)
-            self.w_seen = self.w_seen + w_b
-        self.z_y = torch.where(inside, z_y, self.z_y)
-        self.m = m
-
-    def finish(self, vocab_size: int, w_y: Tensor, keep: Tensor) -> RowStats:
-        log_s = self.s.log()
-        sums = RowSums(m=self.m, log_s=log_s, z_y=self.z_y - self.m, wz=self.wz)
-        if self.want_aux:
-            sums.p_dot_z = self.ent / self.s
-            sums.hit = (self.best == self.y).to(self.m.dtype)
-        return finish_rows(
-            sums, self.opts, vocab_size, w_y=w_y, keep=keep, weight_sum=self.weight_sum, want_aux=self.want_aux
-        )
 
 
 def backward_rows(

@@ -3,6 +3,11 @@
 crossent explain [--logits JSON|FILE] [--targets JSON|FILE]
 crossent demo
 crossent bench [--quick] [--out DIR]
+
+The subcommands live in this package: :mod:`crossent.cli.demo` (the demo), and the benchmark
+suite in three parts, :mod:`crossent.cli.bench_suite` (what is measured, and how),
+:mod:`crossent.cli.bench_report` (tables, files, ``bench()``) and :mod:`crossent.cli.bench_plots`.
+Each is imported only when its subcommand runs.
 """
 
 from __future__ import annotations
@@ -15,9 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-# The seed's walkthrough: three tokens over a five-word vocabulary.
-SEED_LOGITS = [[1.2, 3.1, 0.7, 2.4, 0.9], [0.5, 1.8, 2.9, 1.1, 0.3], [4.2, 2.5, 3.7, 1.9, 0.8]]
-SEED_TARGETS = [1, 2, 0]
+from ..seed import SEED_LOGITS, SEED_TARGETS
 
 
 def _load_json(text: str | None, default):
@@ -34,7 +37,7 @@ def _load_json(text: str | None, default):
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .reference import explain
+    from ..reference import explain
 
     logits = torch.tensor(_load_json(args.logits, SEED_LOGITS), dtype=torch.float64)
     targets = torch.tensor(_load_json(args.targets, SEED_TARGETS), dtype=torch.long)
@@ -52,10 +55,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .bench_report import bench
+    from .bench_suite import SWEEPS
 
-    sweep = bench.SWEEPS[args.sweep] if args.sweep else None
-    bench.bench(quick=args.quick, out=args.out, sweep=sweep, progress=sys.stderr)
+    sweep = SWEEPS[args.sweep] if args.sweep else None
+    bench(quick=args.quick, out=args.out, sweep=sweep, progress=sys.stderr)
     return 0
 
 
@@ -87,7 +91,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
